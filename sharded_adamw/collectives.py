@@ -1,0 +1,255 @@
+"""Every ``torch.distributed`` call of the library, with its copy-in and copy-out.
+
+Nothing else in the package calls a collective. ``Comm`` resolves what the user passed as
+``process_group`` (nothing, a ``ProcessGroup``, or a 2-D ``DeviceMesh`` named
+``("replicate", "shard")``), counts the bytes each collective moves, and degrades to local
+copies when there is a single process and no initialised group.
+
+``reduce_scatter_single`` and ``all_gather_single`` are torch 2.13's names for
+``reduce_scatter_tensor`` and ``all_gather_into_tensor`` (the old names warn there).
+
+Byte counts follow the convention of ``nccl-tests``: a reduce-scatter counts its full input, an
+all-gather its full output, an all-reduce its buffer. With these, one step of sharded AdamW
+counts ``P * elem`` for the reduce-scatter and ``P * elem`` for the all-gather (plus padding),
+the same as DDP's single all-reduce of ``P * elem`` bytes moves on the wire.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommStats:
+    """Bytes moved by each kind of collective."""
+
+    reduce_scatter: int = 0
+    all_gather: int = 0
+    all_reduce: int = 0
+    calls: dict = field(default_factory=lambda: {"reduce_scatter": 0, "all_gather": 0, "all_reduce": 0})
+
+    def as_dict(self) -> dict:
+        return {
+            "reduce_scatter_bytes": self.reduce_scatter,
+            "all_gather_bytes": self.all_gather,
+            "all_reduce_bytes": self.all_reduce,
+            "reduce_scatter_calls": self.calls["reduce_scatter"],
+            "all_gather_calls": self.calls["all_gather"],
+            "all_reduce_calls": self.calls["all_reduce"],
+        }
+
+
+class Handle:
+    """An in-flight collective; ``wait()`` blocks, then runs the follow-up once."""
+
+    def __init__(self, work: dist.Work | None, then: Callable[[], None] | None = None):
+        self._work = work
+        self._then = then
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._then is not None:
+            then, self._then = self._then, None
+            then()
+
+    def as_future(
+        self, then: Callable[[], None], value: torch.Tensor, chain: bool
+    ) -> torch.futures.Future:
+        """A future of ``value`` after ``then`` ran: chained on the work's own future where
+        the backend has one (``chain``, NCCL), else waited here and returned completed."""
+        if chain and self._work is not None and self._then is None:
+            return self._work.get_future().then(lambda _: (then(), value)[1])
+        self.wait()
+        then()
+        return completed_future(value)
+
+    def and_then(self, then: Callable[[], None]) -> Handle:
+        """A handle that waits for this one, then runs ``then``."""
+        return Handle(None, lambda: (self.wait(), then()))
+
+
+class Comm:
+    """The process groups one optimizer talks over, and its byte counters.
+
+    ``world_size`` and ``rank`` are those of the shard group: state is split ``world_size``
+    ways. ``replicas`` copies of each shard exist across the replicate group (1 for a flat
+    group). Gradients are averaged over ``dp_size = world_size * replicas`` ranks.
+    """
+
+    def __init__(self, process_group=None):
+        self.replicate_group = None
+        if process_group is not None and _is_device_mesh(process_group):
+            mesh = process_group
+            if mesh.ndim == 1:
+                self.shard_group = mesh.get_group()
+            elif mesh.ndim == 2:
+                names = mesh.mesh_dim_names
+                if names is None or set(names) != {"replicate", "shard"}:
+                    raise ValueError(
+                        "a 2-D DeviceMesh must name its dims ('replicate', 'shard'), "
+                        f"got {names}"
+                    )
+                self.shard_group = mesh.get_group("shard")
+                self.replicate_group = mesh.get_group("replicate")
+            else:
+                raise ValueError(f"DeviceMesh must be 1-D or 2-D, got {mesh.ndim}-D")
+        elif process_group is not None:
+            self.shard_group = process_group
+        elif dist.is_available() and dist.is_initialized():
+            self.shard_group = dist.group.WORLD
+        else:
+            self.shard_group = None
+        if self.shard_group is None:
+            self.world_size, self.rank, self.backend = 1, 0, "local"
+        else:
+            self.world_size = dist.get_world_size(self.shard_group)
+            self.rank = dist.get_rank(self.shard_group)
+            self.backend = str(dist.get_backend(self.shard_group))
+        self.replicas = (
+            1 if self.replicate_group is None else dist.get_world_size(self.replicate_group)
+        )
+        self.dp_size = self.world_size * self.replicas
+        self.global_rank = dist.get_rank() if self.shard_group is not None else 0
+        self.stats = CommStats()
+
+    @property
+    def distributed(self) -> bool:
+        return self.shard_group is not None
+
+    @property
+    def futures_work(self) -> bool:
+        """Whether async work exposes a future that can be chained (NCCL, not gloo)."""
+        return self.backend == "nccl"
+
+    # ---- the data path -------------------------------------------------------------------
+
+    def reduce_scatter_grads(
+        self,
+        grads: Sequence[torch.Tensor],
+        out: torch.Tensor,
+        reduce_dtype: torch.dtype,
+        async_op: bool,
+    ) -> Handle:
+        """Average ``grads`` over all data-parallel ranks; ``out`` receives this rank's chunks.
+
+        Copy-in: each gradient is flattened, cut into ``world_size`` chunks (zero padded), and
+        the chunks are laid out rank-major in one buffer of ``reduce_dtype``; every element is
+        multiplied by ``1 / dp_size`` before the sum, exactly as DDP's reducer does, so that
+        the averaged gradient has DDP's bits. ``out`` must be ``reduce_dtype`` and hold the
+        bucket's shard; across a replicate group the shard is then all-reduced.
+        """
+        flat = [g.reshape(-1) for g in grads]
+        width = sum(-(-g.numel() // self.world_size) for g in flat)
+        buf = torch.empty((self.world_size, width), dtype=reduce_dtype, device=out.device)
+        torch._chunk_cat(flat, 0, self.world_size, out=buf)
+        if self.dp_size > 1:
+            buf.mul_(1.0 / self.dp_size)
+        self._count("reduce_scatter", buf)
+        if not self.distributed:
+            out.copy_(buf.view(-1))
+            return self._then_replicate(None, out)
+        work = dist.reduce_scatter_single(
+            out, buf.view(-1), group=self.shard_group, async_op=async_op
+        )
+        return self._then_replicate(work, out)
+
+    def _then_replicate(self, work, out: torch.Tensor) -> Handle:
+        if self.replicate_group is None:
+            return Handle(work)
+
+        def across_replicas() -> None:
+            self._count("all_reduce", out)
+            dist.all_reduce(out, group=self.replicate_group)
+
+        return Handle(work, across_replicas)
+
+    def all_gather_params(
+        self,
+        gathered: torch.Tensor,
+        outputs: Sequence[torch.Tensor],
+        chunks: Sequence[int],
+        async_op: bool,
+    ) -> Handle:
+        """All-gather the bucket whose shard sits in ``gathered[rank]``, then copy it out.
+
+        ``gathered`` is ``(world_size, shard_numel)``; the all-gather runs in place (this
+        rank's row is the input). Copy-out splits the columns per parameter into
+        ``outputs``, each a parameter's padded storage viewed as ``(world_size, chunk)``.
+        """
+        self._count("all_gather", gathered)
+
+        def copy_out() -> None:
+            torch.split_with_sizes_copy(gathered, list(chunks), dim=1, out=list(outputs))
+
+        if not self.distributed:
+            return Handle(None, copy_out)
+        work = dist.all_gather_single(
+            gathered.view(-1), gathered[self.rank], group=self.shard_group, async_op=async_op
+        )
+        return Handle(work, copy_out)
+
+    def gather_shard(self, shard: torch.Tensor) -> torch.Tensor:
+        """The ``(world_size, numel)`` stack of every shard rank's ``shard`` (for state dicts)."""
+        out = torch.empty((self.world_size, shard.numel()), dtype=shard.dtype, device=shard.device)
+        if not self.distributed:
+            out[0].copy_(shard)
+            return out
+        dist.all_gather_single(out.view(-1), shard.contiguous(), group=self.shard_group)
+        return out
+
+    # ---- small agreements ----------------------------------------------------------------
+
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum", *, shard_only: bool = False) -> torch.Tensor:
+        """In-place all-reduce of a small tensor over the shard group, and the replicate group
+        unless ``shard_only`` (use that for quantities that replicas hold identically)."""
+        if not self.distributed:
+            return t
+        rop = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        self._count("all_reduce", t)
+        dist.all_reduce(t, op=rop, group=self.shard_group)
+        if self.replicate_group is not None and not shard_only:
+            dist.all_reduce(t, op=rop, group=self.replicate_group)
+        return t
+
+    def all_gather_object(self, obj) -> list:
+        """Every data-parallel rank's ``obj`` (construction-time checks only)."""
+        if not self.distributed:
+            return [obj]
+        groups = [self.shard_group] + ([self.replicate_group] if self.replicate_group else [])
+        out = [obj]
+        for group in groups:
+            gathered: list = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, pickle.dumps(out), group=group)
+            out = [x for blob in gathered for x in pickle.loads(blob)]
+        return out
+
+    def _count(self, kind: str, t: torch.Tensor) -> None:
+        setattr(self.stats, kind, getattr(self.stats, kind) + t.numel() * t.element_size())
+        self.stats.calls[kind] += 1
+
+    def reset_stats(self) -> CommStats:
+        """Return the counters so far and start new ones."""
+        stats, self.stats = self.stats, CommStats()
+        return stats
+
+
+def completed_future(value: torch.Tensor) -> torch.futures.Future:
+    """A future that is already done, for DDP comm hooks on backends without work futures."""
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def _is_device_mesh(obj) -> bool:
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - torch without DeviceMesh
+        return False
+    return isinstance(obj, DeviceMesh)

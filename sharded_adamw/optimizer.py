@@ -1,0 +1,650 @@
+"""``ShardedAdamW``: AdamW whose state (and gradients) are split across data-parallel ranks.
+
+The data path of one training step, in order:
+
+1. gradient -> reduce-scatter: each bucket's gradients are averaged across ranks and each rank
+   receives only its chunk (``ShardBucket.reduce_scatter``). Standalone, this is launched from
+   gradient hooks during backward as buckets fill; attached to DDP, DDP's comm hook does it.
+2. shard update: torch's own AdamW runs on the rank's flat shard (``ShardBucket.update``).
+3. all-gather -> parameter: the updated shard is all-gathered and copied back into the
+   parameters (``Comm.all_gather_params``), launched per bucket as soon as it is updated.
+
+``step()`` reads in exactly that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.optim import Optimizer
+
+from .collectives import Comm, CommStats, Handle
+from .layout import BucketLayout, plan_buckets
+from .update import adamw_update
+
+logger = logging.getLogger("sharded_adamw")
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _padded_storage(p: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``p``'s storage viewed as ``(world_size, chunk)``.
+
+    A parameter whose size does not divide by the world size (or that is not contiguous) is
+    moved, once, into a zero-padded buffer of ``world_size * chunk`` elements; ``p`` keeps its
+    identity and values and becomes a view of that buffer. The padding lets the all-gather
+    write straight into the parameter with one copy per bucket.
+    """
+    numel = p.numel()
+    chunk = -(-numel // world_size)
+    if p.is_contiguous() and numel == chunk * world_size:
+        return p.data.view(world_size, chunk)
+    base = torch.zeros(chunk * world_size, dtype=p.dtype, device=p.device)
+    base[:numel].copy_(p.data.reshape(-1))
+    p.data = base[:numel].view(p.shape)
+    return base.view(world_size, chunk)
+
+
+class ShardBucket:
+    """This rank's buffers for one bucket: AdamW state, gradient and master-weight shards,
+    and views of the bucket's parameters for copy-in and copy-out."""
+
+    def __init__(
+        self,
+        layout: BucketLayout,
+        params: list[torch.nn.Parameter],
+        group: dict,
+        rank: int,
+        master_weights: bool,
+        reduce_dtype: torch.dtype | None,
+    ):
+        self.layout = layout
+        self.params = params
+        self.group = group
+        self.rank = rank
+        p0 = params[0]
+        self.device, self.param_dtype = p0.device, p0.dtype
+        low = self.param_dtype in LOW_PRECISION and master_weights
+        self.update_dtype = torch.float32 if low else self.param_dtype
+        self.reduce_dtype = reduce_dtype or self.update_dtype
+        self.chunks = [s.chunk for s in layout.slots]
+        self.padded = [_padded_storage(p, layout.world_size) for p in params]
+        self.rows = [v[rank] for v in self.padded]
+        numel = layout.shard_numel
+        self.master = torch.cat(self.rows).to(torch.float32) if low else None
+        self.exp_avg = self._zeros(numel)
+        self.exp_avg_sq = self._zeros(numel)
+        self.max_exp_avg_sq = self._zeros(numel) if group["amsgrad"] else None
+        self.grad = self._zeros(numel)
+        self.has_grad = False
+        step_device = self.device if group["fused"] else torch.device("cpu")
+        self.steps = torch.zeros(len(params), dtype=torch.float32, device=step_device)
+        self.uniform_steps = True
+        self.present = [False] * len(params)
+        self.ready = 0  # gradients that arrived in the current backward
+
+    def _zeros(self, numel: int) -> torch.Tensor:
+        return torch.zeros(numel, dtype=self.update_dtype, device=self.device)
+
+    def views(self, flat: torch.Tensor, i: int, owned_only: bool = True) -> torch.Tensor:
+        """Slot ``i``'s part of a shard-shaped tensor (its owned elements, or its whole chunk)."""
+        s = self.layout.slots[i]
+        return flat[s.offset : s.offset + (s.owned if owned_only else s.chunk)]
+
+    def local_grads(self) -> list[torch.Tensor]:
+        """This rank's gradients of the bucket (zeros where ``grad`` is None); records which
+        parameters had one."""
+        grads = []
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                grads.append(torch.zeros_like(p))
+            else:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        "ShardedAdamW does not support sparse gradients "
+                        f"(parameter of shape {tuple(p.shape)}); use torch.optim.SparseAdam"
+                    )
+                self.present[i] = True
+                grads.append(p.grad)
+        return grads
+
+    def reduce_scatter(self, comm: Comm, grads: list[torch.Tensor], async_op: bool) -> Handle:
+        """Average ``grads`` into this rank's gradient shard, adding to what it already holds
+        since the last ``zero_grad`` (so no micro-batch is lost)."""
+        accumulate = self.has_grad
+        direct = not accumulate and self.reduce_dtype == self.update_dtype
+        out = self.grad if direct else torch.empty_like(self.grad, dtype=self.reduce_dtype)
+        self.has_grad = True
+        with record_function("sharded_adamw.reduce_scatter"):
+            handle = comm.reduce_scatter_grads(grads, out, self.reduce_dtype, async_op)
+        if direct:
+            return handle
+        return handle.and_then(lambda: self.grad.add_(out) if accumulate else self.grad.copy_(out))
+
+    def update(self, present: list[bool], grad_scale_inv: torch.Tensor | None) -> torch.Tensor:
+        """Run AdamW on the owned shard; return the ``(world_size, shard)`` all-gather buffer
+        whose row ``rank`` holds the updated values in the parameter dtype."""
+        layout, group = self.layout, self.group
+        gathered = torch.empty(
+            (layout.world_size, layout.shard_numel), dtype=self.param_dtype, device=self.device
+        )
+        shard = self.master if self.master is not None else gathered[self.rank]
+        if self.master is None:
+            torch.cat(self.rows, out=shard)
+        if group["amsgrad"] and self.max_exp_avg_sq is None:
+            self.max_exp_avg_sq = self._zeros(layout.shard_numel)
+        vmax = [self.max_exp_avg_sq] if group["amsgrad"] else []
+        if all(present) and self.uniform_steps:
+            adamw_update(
+                [shard], [self.grad], [self.exp_avg], [self.exp_avg_sq], vmax,
+                [self.steps[0]], group,
+            )
+            self.steps[1:] += 1
+        else:
+            idx = [i for i, ok in enumerate(present) if ok]
+            cut = lambda t: [self.views(t, i, owned_only=False) for i in idx]  # noqa: E731
+            adamw_update(
+                cut(shard), cut(self.grad), cut(self.exp_avg), cut(self.exp_avg_sq),
+                cut(self.max_exp_avg_sq) if vmax else [], [self.steps[i] for i in idx], group,
+            )
+            self.uniform_steps = bool((self.steps == self.steps[0]).all())
+        if self.master is not None:
+            gathered[self.rank].copy_(self.master)
+        return gathered
+
+    def state_of(self, i: int) -> dict:
+        """The ``opt.state`` entry of slot ``i``: live views of this rank's owned elements."""
+        state = {
+            "step": self.steps[i],
+            "exp_avg": self.views(self.exp_avg, i),
+            "exp_avg_sq": self.views(self.exp_avg_sq, i),
+        }
+        if self.max_exp_avg_sq is not None:
+            state["max_exp_avg_sq"] = self.views(self.max_exp_avg_sq, i)
+        if self.master is not None:
+            state["master_param"] = self.views(self.master, i)
+        return state
+
+
+class ShardedAdamW(Optimizer):
+    """AdamW with its state sharded across the data-parallel ranks (ZeRO-1/2).
+
+    Arguments up to ``fused`` mean what they mean for ``torch.optim.AdamW`` and have its
+    defaults. The rest:
+
+    - ``process_group``: the ranks to shard over; default the whole world. A 2-D
+      ``DeviceMesh`` with dims ``("replicate", "shard")`` shards within ``shard`` and
+      replicates across ``replicate``.
+    - ``bucket_cap_mb``: size of a communication bucket (DDP's name and unit).
+    - ``overlap_comm``: launch reduce-scatters during backward and all-gathers as buckets are
+      updated (DeepSpeed's name). Off, everything is communicated inside ``step()``; results
+      are bitwise the same.
+    - ``master_weights``: for bf16/fp16 parameters, keep sharded fp32 master weights and fp32
+      state; off, the state has the parameter dtype, like ``torch.optim.AdamW``.
+    - ``reduce_dtype``: dtype the gradients are averaged in (FSDP2's name); default the dtype
+      of the update (fp32 with master weights).
+    - ``skip_nonfinite``: skip the whole step on every rank when any rank's gradient holds a
+      NaN or inf (counted in ``skipped_steps``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        process_group=None,
+        bucket_cap_mb: float = 25.0,
+        overlap_comm: bool = True,
+        master_weights: bool = True,
+        reduce_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = True,
+    ):
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb} (must be > 0)")
+        self._comm = Comm(process_group)
+        self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self._overlap = overlap_comm
+        self._master_weights = master_weights
+        self._reduce_dtype = reduce_dtype
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self._buckets: list[ShardBucket] = []
+        self._slot: dict[torch.nn.Parameter, tuple[ShardBucket, int]] = {}
+        self._names: dict[torch.nn.Parameter, str] = {}
+        self._hooks: list = []
+        self._pending: list[Handle] = []
+        self._ddp = None
+        self._no_sync = False
+        self._local_pending = False  # local grads in p.grad that no reduce-scatter has taken
+        self._reduced = False  # every bucket was reduce-scattered since the last step
+        self._in_backward = False
+        self._next_bucket = 0
+        self._last_stats = CommStats()
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=False, differentiable=False,
+            fused=fused, decoupled_weight_decay=True,
+        )
+        super().__init__(params, defaults)
+        if self._comm.global_rank == 0:
+            logger.info(
+                "ShardedAdamW: world size %d (x%d replicas), %d buckets, %d elements owned "
+                "per rank, %.1f MiB state per rank, bucket cap %.1f MiB",
+                self._comm.world_size, self._comm.replicas, len(self._buckets),
+                sum(b.layout.shard_numel for b in self._buckets),
+                self.memory()["state_bytes"] / 2**20, bucket_cap_mb,
+            )
+
+    # ---- construction ----------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._build_group(len(self.param_groups) - 1, group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _build_group(self, gi: int, group: dict) -> None:
+        _check_hyperparams(group, gi)
+        params = group["params"]
+        names = group.get("param_names") or [None] * len(params)
+        seen = set()
+        for j, (p, name) in enumerate(zip(params, names)):
+            label = _label(gi, j, name, p)
+            if p in seen:
+                raise ValueError(f"ShardedAdamW: {label} appears twice in the parameter list")
+            seen.add(p)
+            if p.is_complex():
+                raise ValueError(f"ShardedAdamW does not support complex parameters: {label}")
+            if not p.is_floating_point():
+                raise ValueError(f"ShardedAdamW needs floating-point parameters: {label}")
+            if p.layout != torch.strided:
+                raise ValueError(f"ShardedAdamW needs dense (strided) parameters: {label}")
+            if name is not None:
+                self._names[p] = name
+        self._check_same_on_every_rank(gi, params, names)
+        trainable = [p for p in params if p.requires_grad]
+        comm = self._comm
+        rdtype = lambda p: self._reduce_dtype or (  # noqa: E731
+            torch.float32 if p.dtype in LOW_PRECISION and self._master_weights else p.dtype
+        )
+        order = [  # buckets fill in backward order: last parameters first
+            (j, (gi, p.dtype, p.device), p.numel(), rdtype(p).itemsize)
+            for j, p in reversed(list(enumerate(trainable)))
+        ]
+        for layout in plan_buckets(order, comm.world_size, comm.rank, self._bucket_cap_bytes):
+            members = [trainable[s.index] for s in layout.slots]
+            bucket = ShardBucket(
+                layout, members, group, comm.rank, self._master_weights, self._reduce_dtype
+            )
+            for i, p in enumerate(members):
+                self._slot[p] = (bucket, i)
+                self.state[p] = bucket.state_of(i)
+                if self._overlap:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+            self._buckets.append(bucket)
+
+    def _check_same_on_every_rank(self, gi: int, params: list, names: list) -> None:
+        """Every rank must pass the same parameters; the first difference is named on all."""
+        mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for p, n in zip(params, names)]
+        every = self._comm.all_gather_object(mine)
+        ref = every[0]
+        for rank, theirs in enumerate(every):
+            if theirs == ref:
+                continue
+            for j, (a, b) in enumerate(zip(ref, theirs)):
+                if a != b:
+                    raise ValueError(
+                        f"ShardedAdamW: ranks passed different parameters: group {gi}, "
+                        f"parameter #{j}: rank 0 has {_describe(a)}, rank {rank} has {_describe(b)}"
+                    )
+            raise ValueError(
+                f"ShardedAdamW: ranks passed different parameters: group {gi} has "
+                f"{len(ref)} parameters on rank 0 and {len(theirs)} on rank {rank}"
+            )
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Make ``model`` (a ``DistributedDataParallel``) reduce-scatter gradients into this
+        optimizer's shards during backward, instead of all-reducing them."""
+        from .ddp import attach
+
+        attach(self, model)
+
+    # ---- gradients -> reduce-scatter ------------------------------------------------------
+
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: launch buckets, in order, as their gradients are ready."""
+        if self._ddp is not None:
+            return
+        if self._no_sync:
+            self._local_pending = True
+            return
+        if not self._in_backward:
+            self._in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        bucket, _ = self._slot[p]
+        bucket.ready += 1
+        buckets = self._buckets
+        while self._next_bucket < len(buckets):
+            nxt = buckets[self._next_bucket]
+            if nxt.ready < len(nxt.params):
+                break
+            self._launch(nxt)
+            self._next_bucket += 1
+
+    def _end_of_backward(self) -> None:
+        """Launch the buckets whose gradients did not all arrive (unused parameters), so that
+        every rank reduce-scatters every bucket exactly once per backward, in the same order."""
+        for bucket in self._buckets[self._next_bucket :]:
+            self._launch(bucket)
+        for bucket in self._buckets:
+            bucket.ready = 0
+        self._next_bucket = 0
+        self._in_backward = False
+        self._local_pending = False
+        self._reduced = True
+
+    def _launch(self, bucket: ShardBucket) -> None:
+        grads = bucket.local_grads()
+        self._pending.append(bucket.reduce_scatter(self._comm, grads, async_op=self._overlap))
+        for p in bucket.params:  # ZeRO-2: the shard now holds this rank's part
+            p.grad = None
+
+    def _finish_reduction(self) -> None:
+        """Make sure every bucket's gradient shard is reduced and complete."""
+        if self._ddp is None and (self._local_pending or not self._reduced):
+            for bucket in self._buckets:
+                self._launch(bucket)
+            self._local_pending = False
+        self._reduced = True
+        with record_function("sharded_adamw.reduce_scatter_wait"):
+            for handle in self._pending:
+                handle.wait()
+        self._pending.clear()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally in ``p.grad``; the next backward outside the context
+        (or ``step()``) communicates once. With ``attach()``, use ``ddp_model.no_sync()``."""
+        old, self._no_sync = self._no_sync, True
+        try:
+            yield
+        finally:
+            self._no_sync = old
+
+    def _presence(self) -> list[list[bool]]:
+        """Which parameters of each bucket had a gradient on some rank (torch AdamW skips
+        parameters whose grad is None)."""
+        if self._ddp is not None:
+            out = []
+            for b in self._buckets:
+                if not b.has_grad:
+                    if any(p.grad is not None for p in b.params):
+                        raise RuntimeError(
+                            "ShardedAdamW is attached to DDP but these gradients did not go "
+                            "through DDP's backward hook (was the last backward under "
+                            "no_sync()?); parameter: " + self._name(b.params[0])
+                        )
+                    out.append([False] * len(b.params))
+                elif self._ddp.find_unused_parameters:
+                    out.append([p.grad is not None for p in b.params])
+                else:
+                    out.append([True] * len(b.params))
+            return out
+        return [b.present for b in self._buckets]
+
+    def _agree(self, present: list[list[bool]], grad_scale_inv) -> bool:
+        """One small all-reduce: found a non-finite gradient anywhere, and (standalone) which
+        parameters had a gradient on any rank. Returns whether to skip the step."""
+        found = None
+        shards = [b.grad for b in self._buckets if b.has_grad]
+        if self.skip_nonfinite or grad_scale_inv is not None:
+            found = torch.zeros(1, dtype=torch.float32, device=self._buckets[0].device)
+            inv = grad_scale_inv if grad_scale_inv is not None else torch.ones_like(found)
+            by_device: dict = {}
+            for s in shards:
+                by_device.setdefault((s.device, s.dtype), []).append(s)
+            for (device, _), ts in by_device.items():
+                f = torch.zeros(1, dtype=torch.float32, device=device)
+                torch._amp_foreach_non_finite_check_and_unscale_(ts, f, inv.to(device))
+                found += f.to(found.device)
+        standalone = self._ddp is None
+        if not self._comm.distributed or (found is None and not standalone):
+            return bool(found) if found is not None else False
+        flags = [0.0 if found is None else float(found.item())]
+        if standalone:
+            flags += [float(x) for bp in present for x in bp]
+        t = torch.tensor(flags, dtype=torch.float32, device=self._buckets[0].device)
+        self._comm.all_reduce_(t, "max")
+        if standalone:
+            values = t[1:].tolist()
+            k = 0
+            for bp in present:
+                bp[:] = [v > 0 for v in values[k : k + len(bp)]]
+                k += len(bp)
+        return t[0].item() > 0
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Reduce-scatter (if backward has not), update the owned shard, all-gather."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._buckets:
+            return loss
+        self._finish_reduction()
+        present = self._presence()
+        if self._agree(present, None):
+            self.skipped_steps += 1
+            self._after_step()
+            if self._comm.global_rank == 0:
+                logger.warning(
+                    "ShardedAdamW: non-finite gradient, step skipped on every rank "
+                    "(%d skipped so far)", self.skipped_steps,
+                )
+            return loss
+        handles = []
+        for bucket, bp in zip(self._buckets, present):
+            if not any(bp):
+                continue
+            with record_function("sharded_adamw.update"):
+                gathered = bucket.update(bp, None)
+            with record_function("sharded_adamw.all_gather"):
+                handles.append(
+                    self._comm.all_gather_params(
+                        gathered, bucket.padded, bucket.chunks, async_op=self._overlap
+                    )
+                )
+        with record_function("sharded_adamw.all_gather_wait"):
+            for handle in handles:
+                handle.wait()
+        self._after_step()
+        return loss
+
+    def _after_step(self) -> None:
+        self._reduced = False
+        self._last_stats = self._comm.reset_stats()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for bucket in self._buckets:
+            bucket.has_grad = False
+            bucket.present = [False] * len(bucket.params)
+
+    # ---- state dicts -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """``torch.optim.AdamW.state_dict()``'s format, full-shape tensors on CPU. Collective.
+
+        Built one bucket at a time: at peak a rank holds, on the parameters' device, one
+        bucket's gathered state (``world_size * shard`` elements per state tensor) besides
+        the CPU copies it returns. Low-precision parameters add their fp32 master weights
+        under ``master_param``.
+        """
+        index: dict = {}
+        groups = []
+        for g in self.param_groups:
+            start = len(index)
+            index.update((p, start + j) for j, p in enumerate(g["params"]))
+            packed = {k: v for k, v in g.items() if k != "params"}
+            groups.append({**packed, "params": list(range(start, len(index)))})
+        state: dict = {}
+        for b in self._buckets:
+            full = {k: self._comm.gather_shard(t) for k, t in _state_buffers(b).items()}
+            steps = b.steps.tolist()
+            for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
+                if steps[i] == 0:  # torch creates state on a parameter's first update
+                    continue
+                entry = {"step": b.steps[i].detach().to("cpu", copy=True)}
+                for key, t in full.items():
+                    cols = t[:, slot.offset : slot.offset + slot.chunk]
+                    entry[key] = cols.reshape(-1)[: slot.numel].view(p.shape).to("cpu", copy=True)
+                state[index[p]] = entry
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict in ``torch.optim.AdamW``'s format, saved at any world size.
+
+        Everything is checked before anything is changed: a mismatch raises and leaves the
+        optimizer as it was.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"the optimizer has {len(self.param_groups)}"
+            )
+        by_id: dict = {}
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"loaded state dict's parameter group {gi} has {len(sg['params'])} "
+                    f"parameters, the optimizer's has {len(g['params'])}"
+                )
+            by_id.update(zip(sg["params"], g["params"]))
+        state = state_dict["state"]
+        for pid, entry in state.items():
+            if pid not in by_id:
+                raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
+            p = by_id[pid]
+            for key in (*STATE_KEYS, "master_param"):
+                if key in entry and tuple(entry[key].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"loaded state dict's {key} for {self._name(p)} has shape "
+                        f"{tuple(entry[key].shape)}, the parameter has {tuple(p.shape)}"
+                    )
+        entries = {p: state[pid] for pid, p in by_id.items() if pid in state}
+        for g, sg in zip(self.param_groups, saved_groups):
+            g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+        for b in self._buckets:
+            if b.group["amsgrad"] and b.max_exp_avg_sq is None:
+                b.max_exp_avg_sq = b._zeros(b.layout.shard_numel)
+            for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
+                entry = entries.get(p, {})
+                b.steps[i] = float(entry.get("step", 0))
+                for key, buf in _state_buffers(b).items():
+                    view = b.views(buf, i)
+                    if key in entry:
+                        view.copy_(entry[key].reshape(-1)[slot.start : slot.end])
+                    elif key == "master_param":
+                        view.copy_(p.detach().reshape(-1)[slot.start : slot.end])
+                    else:
+                        view.zero_()
+                self.state[p] = b.state_of(i)
+            b.uniform_steps = bool((b.steps == b.steps[0]).all())
+
+    # ---- reports ----------------------------------------------------------------------------
+
+    def comm_stats(self) -> dict:
+        """Bytes and calls of each collective during the last completed step (its backward
+        included)."""
+        return self._last_stats.as_dict()
+
+    def memory(self) -> dict:
+        """This rank's bytes: optimizer state (as held in ``opt.state``), allocated state
+        buffers (padding included), gradient shards, and parameters."""
+        nbytes = lambda t: t.numel() * t.element_size() if t is not None else 0  # noqa: E731
+        state = sum(nbytes(t) for s in self.state.values() for t in s.values())
+        alloc = sum(
+            nbytes(b.exp_avg) + nbytes(b.exp_avg_sq) + nbytes(b.max_exp_avg_sq)
+            + nbytes(b.master) + nbytes(b.steps)
+            for b in self._buckets
+        )
+        return {
+            "state_bytes": state,
+            "state_allocated_bytes": alloc,
+            "grad_shard_bytes": sum(nbytes(b.grad) for b in self._buckets),
+            "param_bytes": sum(nbytes(p) for g in self.param_groups for p in g["params"]),
+            "world_size": self._comm.world_size,
+            "replicas": self._comm.replicas,
+        }
+
+    def _name(self, p: torch.Tensor) -> str:
+        if p in self._names:
+            return repr(self._names[p])
+        for gi, g in enumerate(self.param_groups):
+            for j, q in enumerate(g["params"]):
+                if q is p:
+                    return _label(gi, j, None, p)
+        return f"parameter of shape {tuple(p.shape)}"
+
+
+def _state_buffers(b: ShardBucket) -> dict[str, torch.Tensor]:
+    """A bucket's state shards under their state-dict keys."""
+    bufs = {"exp_avg": b.exp_avg, "exp_avg_sq": b.exp_avg_sq}
+    if b.max_exp_avg_sq is not None:
+        bufs["max_exp_avg_sq"] = b.max_exp_avg_sq
+    if b.master is not None:
+        bufs["master_param"] = b.master
+    return bufs
+
+
+def _check_hyperparams(group: dict, gi: int) -> None:
+    """torch.optim.AdamW's checks, per group, naming the group."""
+    lr, eps, (b1, b2), wd = group["lr"], group["eps"], group["betas"], group["weight_decay"]
+    where = f" (param group {gi})" if gi else ""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element{where}")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}{where}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}{where}")
+    if not 0.0 <= b1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {b1}{where}")
+    if not 0.0 <= b2 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {b2}{where}")
+    if not 0.0 <= wd:
+        raise ValueError(f"Invalid weight_decay value: {wd}{where}")
+    if math.isnan(float(lr)):
+        raise ValueError(f"Invalid learning rate: {lr}{where}")
+
+
+def _label(gi: int, j: int, name: str | None, p: torch.Tensor) -> str:
+    base = f"parameter #{j} of group {gi} (shape {tuple(p.shape)}, {p.dtype})"
+    return f"{name!r}: {base}" if name else base
+
+
+def _describe(entry: tuple) -> str:
+    name, shape, dtype, requires_grad = entry
+    label = f"{name!r} " if name else ""
+    return f"{label}shape {shape} {dtype}" + ("" if requires_grad else " (frozen)")
