@@ -1,0 +1,157 @@
+"""Bad input gets a clear error that names the problem; optimizer memory is 8P/W."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sharded_adamw import ShardedAdamW
+
+from . import distributed
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+        (dict(eps=-1e-8), "Invalid epsilon value"),
+        (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+        (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+        (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+        (dict(bucket_cap_mb=0), "Invalid bucket_cap_mb"),
+    ],
+)
+def test_invalid_hyperparameters_are_rejected_like_torch(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ShardedAdamW(nn.Linear(2, 2).parameters(), **kwargs)
+
+
+def test_invalid_hyperparameters_in_a_later_group_name_the_group():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -2.0 \(param group 1\)"):
+        ShardedAdamW([{"params": a.parameters()}, {"params": b.parameters(), "lr": -2.0}])
+
+
+def test_a_parameter_appearing_twice_is_named():
+    lin = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"parameter #2 of group 0 \(shape \(2, 3\).*appears twice"):
+        ShardedAdamW([lin.weight, lin.bias, lin.weight])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        ShardedAdamW([{"params": [lin.weight]}, {"params": [lin.weight]}])
+
+
+def test_named_parameters_are_named_in_errors():
+    lin = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="'weight'.*appears twice"):
+        ShardedAdamW([("weight", lin.weight), ("weight", lin.weight)])
+
+
+def test_complex_and_integer_parameters_are_rejected():
+    with pytest.raises(ValueError, match="complex"):
+        ShardedAdamW([nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="floating-point"):
+        ShardedAdamW([torch.zeros(3, dtype=torch.int64)])
+
+
+def test_sparse_gradients_are_rejected():
+    emb = nn.Embedding(10, 3, sparse=True)
+    for overlap in (True, False):  # raised in backward's hook, or in step() without hooks
+        opt = ShardedAdamW(emb.parameters(), overlap_comm=overlap)
+        with pytest.raises(RuntimeError, match=r"sparse gradients \(parameter of shape \(10, 3\)"):
+            emb(torch.tensor([1, 2])).sum().backward()
+            opt.step()
+        emb.zero_grad()
+
+
+def test_attach_needs_ddp():
+    model = nn.Linear(2, 2)
+    opt = ShardedAdamW(model.parameters())
+    with pytest.raises(TypeError, match="DistributedDataParallel model, got Linear"):
+        opt.attach(model)
+
+
+def test_fused_and_foreach_together_are_rejected():
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
+        ShardedAdamW(nn.Linear(2, 2).parameters(), fused=True, foreach=True)
+
+
+def test_frozen_parameters_get_no_state():
+    model = nn.Linear(4, 4)
+    model.bias.requires_grad_(False)
+    opt = ShardedAdamW(model.parameters())
+    assert model.bias not in opt.state and model.weight in opt.state
+
+
+class Big(nn.Module):
+    """About 2.7 million elements in tensors whose sizes divide by neither 2, 3 nor 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5003, 333)
+        self.lin = nn.Linear(1001, 997)
+        self.norm = nn.LayerNorm(997)
+
+
+def _distributed_checks(rank: int, world: int) -> dict:
+    out: dict = {}
+    model = Big()
+    P = sum(p.numel() for p in model.parameters())
+    opt = ShardedAdamW(model.parameters())
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+    out["state_bytes"], out["expected"] = state, 8 * P / world
+    out["allocated"] = opt.memory()["state_allocated_bytes"]
+
+    # ranks disagree on a shape: every rank must raise, naming the parameter
+    shapes = [(4, 5), (5, 4)] if rank == 0 else [(4, 5), (5, 3)]
+    params = [(f"p{i}", nn.Parameter(torch.zeros(s))) for i, s in enumerate(shapes)]
+    try:
+        ShardedAdamW(params)
+        out["mismatch"] = None
+    except ValueError as e:
+        out["mismatch"] = str(e)
+
+    # ranks disagree on the number of parameters
+    n = 3 if rank == world - 1 else 2
+    try:
+        ShardedAdamW([nn.Parameter(torch.zeros(3)) for _ in range(n)])
+        out["count"] = None
+    except ValueError as e:
+        out["count"] = str(e)
+
+    # attach to a DDP whose parameters are not the optimizer's
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    try:
+        ShardedAdamW(a.parameters()).attach(DDP(b))
+        out["foreign"] = None
+    except ValueError as e:
+        out["foreign"] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module", params=(2, 3, 4), ids=lambda w: f"W{w}")
+def checks(request):
+    return request.param, distributed.run(_distributed_checks, request.param)
+
+
+def test_optimizer_state_bytes_are_8P_over_W_within_1_percent(checks):
+    w, per_rank = checks
+    for rank, r in enumerate(per_rank):
+        assert abs(r["state_bytes"] - r["expected"]) <= 0.01 * r["expected"], (w, rank, r)
+        assert abs(r["allocated"] - r["expected"]) <= 0.01 * r["expected"], (w, rank, r)
+
+
+def test_ranks_with_different_parameters_fail_on_every_rank_naming_the_first_mismatch(checks):
+    w, per_rank = checks
+    for r in per_rank:
+        assert r["mismatch"] is not None
+        assert "parameter #1" in r["mismatch"] and "'p1'" in r["mismatch"]
+        assert "shape (5, 4)" in r["mismatch"] and "shape (5, 3)" in r["mismatch"]
+        assert r["count"] is not None and f"3 on rank {w - 1}" in r["count"]
+
+
+def test_attach_to_a_ddp_with_other_parameters_names_the_parameter(checks):
+    _, per_rank = checks
+    for r in per_rank:
+        assert r["foreign"] is not None and "'weight'" in r["foreign"]
