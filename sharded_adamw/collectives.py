@@ -8,10 +8,11 @@ copies when there is a single process and no initialised group.
 ``reduce_scatter_single`` and ``all_gather_single`` are torch 2.13's names for
 ``reduce_scatter_tensor`` and ``all_gather_into_tensor`` (the old names warn there).
 
-Byte counts follow the convention of ``nccl-tests``: a reduce-scatter counts its full input, an
-all-gather its full output, an all-reduce its buffer. With these, one step of sharded AdamW
-counts ``P * elem`` for the reduce-scatter and ``P * elem`` for the all-gather (plus padding),
-the same as DDP's single all-reduce of ``P * elem`` bytes moves on the wire.
+Byte counts: a reduce-scatter counts its full input, an all-gather its full output, and an
+all-reduce twice its buffer, because a ring all-reduce is a reduce-scatter followed by an
+all-gather and sends as much as both. With these, one step of sharded AdamW counts
+``P * elem`` for the reduce-scatter and ``P * elem`` for the all-gather (plus padding): the
+``2 * P * elem`` that DDP's all-reduce of the same gradients counts.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class CommStats:
     reduce_scatter: int = 0
     all_gather: int = 0
     all_reduce: int = 0
-    calls: dict = field(default_factory=lambda: {"reduce_scatter": 0, "all_gather": 0, "all_reduce": 0})
+    calls: dict = field(
+        default_factory=lambda: {"reduce_scatter": 0, "all_gather": 0, "all_reduce": 0}
+    )
 
     def as_dict(self) -> dict:
         return {
@@ -59,17 +62,6 @@ class Handle:
             then, self._then = self._then, None
             then()
 
-    def as_future(
-        self, then: Callable[[], None], value: torch.Tensor, chain: bool
-    ) -> torch.futures.Future:
-        """A future of ``value`` after ``then`` ran: chained on the work's own future where
-        the backend has one (``chain``, NCCL), else waited here and returned completed."""
-        if chain and self._work is not None and self._then is None:
-            return self._work.get_future().then(lambda _: (then(), value)[1])
-        self.wait()
-        then()
-        return completed_future(value)
-
     def and_then(self, then: Callable[[], None]) -> Handle:
         """A handle that waits for this one, then runs ``then``."""
         return Handle(None, lambda: (self.wait(), then()))
@@ -93,8 +85,7 @@ class Comm:
                 names = mesh.mesh_dim_names
                 if names is None or set(names) != {"replicate", "shard"}:
                     raise ValueError(
-                        "a 2-D DeviceMesh must name its dims ('replicate', 'shard'), "
-                        f"got {names}"
+                        f"a 2-D DeviceMesh must name its dims ('replicate', 'shard'), got {names}"
                     )
                 self.shard_group = mesh.get_group("shard")
                 self.replicate_group = mesh.get_group("replicate")
@@ -122,11 +113,6 @@ class Comm:
     @property
     def distributed(self) -> bool:
         return self.shard_group is not None
-
-    @property
-    def futures_work(self) -> bool:
-        """Whether async work exposes a future that can be chained (NCCL, not gloo)."""
-        return self.backend == "nccl"
 
     # ---- the data path -------------------------------------------------------------------
 
@@ -206,7 +192,9 @@ class Comm:
 
     # ---- small agreements ----------------------------------------------------------------
 
-    def all_reduce_(self, t: torch.Tensor, op: str = "sum", *, shard_only: bool = False) -> torch.Tensor:
+    def all_reduce_(
+        self, t: torch.Tensor, op: str = "sum", *, shard_only: bool = False
+    ) -> torch.Tensor:
         """In-place all-reduce of a small tensor over the shard group, and the replicate group
         unless ``shard_only`` (use that for quantities that replicas hold identically)."""
         if not self.distributed:
@@ -231,7 +219,8 @@ class Comm:
         return out
 
     def _count(self, kind: str, t: torch.Tensor) -> None:
-        setattr(self.stats, kind, getattr(self.stats, kind) + t.numel() * t.element_size())
+        n = t.numel() * t.element_size() * (2 if kind == "all_reduce" else 1)
+        setattr(self.stats, kind, getattr(self.stats, kind) + n)
         self.stats.calls[kind] += 1
 
     def reset_stats(self) -> CommStats:

@@ -10,12 +10,12 @@ After the hook, ``p.grad`` still holds this rank's local, unreduced gradient: on
 optimizer's shards hold the average (use ``ShardedAdamW.clip_grad_norm_``).
 """
 
-
 import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 
+from .collectives import completed_future
 from .optimizer import ShardedAdamW
 
 
@@ -44,19 +44,27 @@ class _HookState:
 def _reduce_scatter_hook(
     state: _HookState, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
+    """Launch the bucket's reduce-scatter and hand DDP its buffer back at once.
+
+    DDP needs nothing from the reduction (the shards live in the optimizer), so the returned
+    future is already complete and backward never waits for communication, on gloo (whose
+    reduce-scatter has no future) as on NCCL. ``step()`` waits for the work and copies each
+    parameter's chunk into the optimizer's gradient shards.
+    """
     dst, chunks, touched, reduce_dtype = state.route(bucket.parameters())
-    comm = state.opt._comm
+    opt = state.opt
     buffer = bucket.buffer()
     out = torch.empty(sum(chunks), dtype=reduce_dtype, device=buffer.device)
     with record_function("sharded_adamw.reduce_scatter"):
-        handle = comm.reduce_scatter_grads(bucket.gradients(), out, reduce_dtype, async_op=True)
+        handle = opt._comm.reduce_scatter_grads(bucket.gradients(), out, reduce_dtype, True)
 
     def to_shards() -> None:
         torch._foreach_copy_(dst, list(out.split(chunks)))
         for b in touched:
             b.has_grad = True
 
-    return handle.as_future(to_shards, buffer, chain=comm.futures_work and comm.replicas == 1)
+    opt._pending.append(handle.and_then(to_shards))
+    return completed_future(buffer)
 
 
 def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
@@ -70,7 +78,9 @@ def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
         raise RuntimeError("ShardedAdamW.attach(): this optimizer is already attached to a model")
     names = {p: n for n, p in model.module.named_parameters()}
     ignored = getattr(model, "parameters_to_ignore", set())
-    trainable = [p for n, p in model.module.named_parameters() if p.requires_grad and n not in ignored]
+    trainable = [
+        p for n, p in model.module.named_parameters() if p.requires_grad and n not in ignored
+    ]
     for p in trainable:
         if p not in opt._slot:
             raise ValueError(

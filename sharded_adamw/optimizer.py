@@ -142,16 +142,26 @@ class ShardBucket:
         vmax = [self.max_exp_avg_sq] if group["amsgrad"] else []
         if all(present) and self.uniform_steps:
             adamw_update(
-                [shard], [self.grad], [self.exp_avg], [self.exp_avg_sq], vmax,
-                [self.steps[0]], group,
+                [shard],
+                [self.grad],
+                [self.exp_avg],
+                [self.exp_avg_sq],
+                vmax,
+                [self.steps[0]],
+                group,
             )
             self.steps[1:] += 1
         else:
             idx = [i for i, ok in enumerate(present) if ok]
             cut = lambda t: [self.views(t, i, owned_only=False) for i in idx]  # noqa: E731
             adamw_update(
-                cut(shard), cut(self.grad), cut(self.exp_avg), cut(self.exp_avg_sq),
-                cut(self.max_exp_avg_sq) if vmax else [], [self.steps[i] for i in idx], group,
+                cut(shard),
+                cut(self.grad),
+                cut(self.exp_avg),
+                cut(self.exp_avg_sq),
+                cut(self.max_exp_avg_sq) if vmax else [],
+                [self.steps[i] for i in idx],
+                group,
             )
             self.uniform_steps = bool((self.steps == self.steps[0]).all())
         if self.master is not None:
@@ -236,18 +246,29 @@ class ShardedAdamW(Optimizer):
         self._next_bucket = 0
         self._last_stats = CommStats()
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, foreach=foreach, capturable=False, differentiable=False,
-            fused=fused, decoupled_weight_decay=True,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=False,
+            differentiable=False,
+            fused=fused,
+            decoupled_weight_decay=True,
         )
         super().__init__(params, defaults)
         if self._comm.global_rank == 0:
             logger.info(
                 "ShardedAdamW: world size %d (x%d replicas), %d buckets, %d elements owned "
                 "per rank, %.1f MiB state per rank, bucket cap %.1f MiB",
-                self._comm.world_size, self._comm.replicas, len(self._buckets),
+                self._comm.world_size,
+                self._comm.replicas,
+                len(self._buckets),
                 sum(b.layout.shard_numel for b in self._buckets),
-                self.memory()["state_bytes"] / 2**20, bucket_cap_mb,
+                self.memory()["state_bytes"] / 2**20,
+                bucket_cap_mb,
             )
 
     # ---- construction ----------------------------------------------------------------------
@@ -282,8 +303,11 @@ class ShardedAdamW(Optimizer):
         self._check_same_on_every_rank(gi, params, names)
         trainable = [p for p in params if p.requires_grad]
         comm = self._comm
-        rdtype = lambda p: self._reduce_dtype or (  # noqa: E731
-            torch.float32 if p.dtype in LOW_PRECISION and self._master_weights else p.dtype
+        rdtype = lambda p: (
+            self._reduce_dtype
+            or (  # noqa: E731
+                torch.float32 if p.dtype in LOW_PRECISION and self._master_weights else p.dtype
+            )
         )
         order = [  # buckets fill in backward order: last parameters first
             (j, (gi, p.dtype, p.device), p.numel(), rdtype(p).itemsize)
@@ -460,7 +484,8 @@ class ShardedAdamW(Optimizer):
             if self._comm.global_rank == 0:
                 logger.warning(
                     "ShardedAdamW: non-finite gradient, step skipped on every rank "
-                    "(%d skipped so far)", self.skipped_steps,
+                    "(%d skipped so far)",
+                    self.skipped_steps,
                 )
             return loss
         handles = []
@@ -586,8 +611,11 @@ class ShardedAdamW(Optimizer):
         nbytes = lambda t: t.numel() * t.element_size() if t is not None else 0  # noqa: E731
         state = sum(nbytes(t) for s in self.state.values() for t in s.values())
         alloc = sum(
-            nbytes(b.exp_avg) + nbytes(b.exp_avg_sq) + nbytes(b.max_exp_avg_sq)
-            + nbytes(b.master) + nbytes(b.steps)
+            nbytes(b.exp_avg)
+            + nbytes(b.exp_avg_sq)
+            + nbytes(b.max_exp_avg_sq)
+            + nbytes(b.master)
+            + nbytes(b.steps)
             for b in self._buckets
         )
         return {

@@ -32,7 +32,9 @@ def _worker(rank, world_size, port, fn, args, results):
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size,
+            "gloo",
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(seconds=60),
         )
         out = fn(rank, world_size, *args)
@@ -65,8 +67,10 @@ def run(fn, world_size: int, *args, timeout: float = 240.0) -> list:
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead and results.empty():
-                    errors.append(f"ranks {dead} died without reporting (exit codes "
-                                  f"{[procs[r].exitcode for r in dead]})")
+                    errors.append(
+                        f"ranks {dead} died without reporting (exit codes "
+                        f"{[procs[r].exitcode for r in dead]})"
+                    )
                     break
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(world_size)) - set(out))

@@ -21,7 +21,7 @@ import torch.nn as nn
 from sharded_adamw import ShardedAdamW
 
 from . import distributed
-from .models import batch, compare, loss_fn, param_groups, schedule, train_pair, TinyLM
+from .models import TinyLM, batch, compare, loss_fn, param_groups, schedule, train_pair
 
 WORLD_SIZES = (1, 2, 3, 4)
 BITWISE_WORLD_SIZES = (1, 2)
@@ -48,7 +48,9 @@ SCENARIOS = {
 
 def _state_vs_torch(ref_opt: torch.optim.Optimizer, opt: ShardedAdamW) -> dict:
     """This rank's state against the matching slice of torch AdamW's full state."""
-    ref_state = {id(q): s for q, s in zip(_params(ref_opt), (ref_opt.state[q] for q in _params(ref_opt)))}
+    ref_state = {
+        id(q): s for q, s in zip(_params(ref_opt), (ref_opt.state[q] for q in _params(ref_opt)))
+    }
     out = {"equal": True, "rel": 0.0, "checked": 0}
     for ours_p, ref_p in zip(_params(opt), _params(ref_opt)):
         if ours_p not in opt._slot:
@@ -138,9 +140,13 @@ def test_parameters_match_ddp_adamw(world, scenario):
     for rank, results in enumerate(per_rank):
         for name, r in results[scenario]["params"].items():
             if w in BITWISE_WORLD_SIZES:
-                assert r["equal"], f"W={w} rank {rank} {scenario}: {name} not bitwise ({r['rel']:.3g})"
+                assert r["equal"], (
+                    f"W={w} rank {rank} {scenario}: {name} not bitwise ({r['rel']:.3g})"
+                )
             else:
-                assert r["rel"] <= REL_TOL, f"W={w} rank {rank} {scenario}: {name} rel {r['rel']:.3g}"
+                assert r["rel"] <= REL_TOL, (
+                    f"W={w} rank {rank} {scenario}: {name} rel {r['rel']:.3g}"
+                )
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -202,6 +208,7 @@ def test_closure_and_set_to_none_false_behave_like_torch():
     x = torch.randn(4, 5)
     for m, o in ((ref, ref_opt), (model, opt)):
         for _ in range(3):
+
             def closure(m=m, o=o):
                 o.zero_grad(set_to_none=False)
                 loss = m(x).square().sum()

@@ -36,7 +36,9 @@ def test_invalid_hyperparameters_in_a_later_group_name_the_group():
 
 def test_a_parameter_appearing_twice_is_named():
     lin = nn.Linear(3, 2)
-    with pytest.raises(ValueError, match=r"parameter #2 of group 0 \(shape \(2, 3\).*appears twice"):
+    with pytest.raises(
+        ValueError, match=r"parameter #2 of group 0 \(shape \(2, 3\).*appears twice"
+    ):
         ShardedAdamW([lin.weight, lin.bias, lin.weight])
     with pytest.raises(ValueError, match="more than one parameter group"):
         ShardedAdamW([{"params": [lin.weight]}, {"params": [lin.weight]}])

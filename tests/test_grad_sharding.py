@@ -68,10 +68,17 @@ def _memory_after_backward(rank: int, world: int) -> dict:
     h = model.emb(x)
     h = nn.functional.pad(h, (0, 1001 - 333))
     model.norm(model.lin(h)).square().mean().backward()
-    local = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    local = sum(
+        p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None
+    )
     held = local + opt.memory()["grad_shard_bytes"]
     opt.step()
-    return {"held": held, "bound": 4 * P / world + cap_mb * 2**20, "ideal": 4 * P / world, "local": local}
+    return {
+        "held": held,
+        "bound": 4 * P / world + cap_mb * 2**20,
+        "ideal": 4 * P / world,
+        "local": local,
+    }
 
 
 def _comm_accounting(rank: int, world: int) -> dict:
@@ -90,7 +97,12 @@ def _comm_accounting(rank: int, world: int) -> dict:
         x, y = batch(0, rank)
         loss_fn(net(x), y).backward()
         opt.step()
-        out[mode] = {"stats": opt.comm_stats(), "P": P, "padded": padded, "buckets": len(opt._buckets)}
+        out[mode] = {
+            "stats": opt.comm_stats(),
+            "P": P,
+            "padded": padded,
+            "buckets": len(opt._buckets),
+        }
     return out
 
 
