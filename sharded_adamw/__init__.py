@@ -1,5 +1,6 @@
 """sharded-adamw: AdamW with its state and gradients sharded across data-parallel ranks."""
 
+from .amp import ShardedGradScaler
 from .layout import BucketLayout, ParamSlot, chunk_size, owned_range, plan_buckets
 from .optimizer import ShardedAdamW
 
@@ -7,6 +8,7 @@ __all__ = [
     "BucketLayout",
     "ParamSlot",
     "ShardedAdamW",
+    "ShardedGradScaler",
     "chunk_size",
     "owned_range",
     "plan_buckets",

@@ -127,7 +127,7 @@ class ShardBucket:
             return handle
         return handle.and_then(lambda: self.grad.add_(out) if accumulate else self.grad.copy_(out))
 
-    def update(self, present: list[bool], grad_scale_inv: torch.Tensor | None) -> torch.Tensor:
+    def update(self, present: list[bool]) -> torch.Tensor:
         """Run AdamW on the owned shard; return the ``(world_size, shard)`` all-gather buffer
         whose row ``rank`` holds the updated values in the parameter dtype."""
         layout, group = self.layout, self.group
@@ -233,6 +233,8 @@ class ShardedAdamW(Optimizer):
         self._reduce_dtype = reduce_dtype
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
+        self._scaler_checked = False  # ShardedGradScaler checked the shards for this step
+        self._step_supports_amp_scaling = True  # GradScaler hands its scale to step()
         self._buckets: list[ShardBucket] = []
         self._slot: dict[torch.nn.Parameter, tuple[ShardBucket, int]] = {}
         self._names: dict[torch.nn.Parameter, str] = {}
@@ -434,25 +436,29 @@ class ShardedAdamW(Optimizer):
             return out
         return [b.present for b in self._buckets]
 
-    def _agree(self, present: list[list[bool]], grad_scale_inv) -> bool:
-        """One small all-reduce: found a non-finite gradient anywhere, and (standalone) which
-        parameters had a gradient on any rank. Returns whether to skip the step."""
-        found = None
-        shards = [b.grad for b in self._buckets if b.has_grad]
-        if self.skip_nonfinite or grad_scale_inv is not None:
-            found = torch.zeros(1, dtype=torch.float32, device=self._buckets[0].device)
-            inv = grad_scale_inv if grad_scale_inv is not None else torch.ones_like(found)
-            by_device: dict = {}
-            for s in shards:
-                by_device.setdefault((s.device, s.dtype), []).append(s)
-            for (device, _), ts in by_device.items():
-                f = torch.zeros(1, dtype=torch.float32, device=device)
-                torch._amp_foreach_non_finite_check_and_unscale_(ts, f, inv.to(device))
-                found += f.to(found.device)
+    def _check_finite(self, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """1.0 if this rank's gradient shards hold a NaN or inf, else 0.0 (local; one foreach
+        kernel per device and dtype). Multiplies the shards by ``inv_scale`` on the way, as
+        ``GradScaler.unscale_`` does to ``p.grad``."""
+        found = torch.zeros(1, dtype=torch.float32, device=self._buckets[0].device)
+        inv = torch.ones_like(found) if inv_scale is None else inv_scale.to(found.device)
+        by_device: dict = {}
+        for b in self._buckets:
+            if b.has_grad:
+                by_device.setdefault((b.grad.device, b.grad.dtype), []).append(b.grad)
+        for (device, _), shards in by_device.items():
+            f = torch.zeros(1, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(shards, f, inv.to(device))
+            found += f.to(found.device)
+        return found
+
+    def _agree(self, present: list[list[bool]], found: torch.Tensor | None) -> bool:
+        """One small all-reduce of whether any rank ``found`` a non-finite gradient and
+        (standalone) which parameters had a gradient on any rank. Returns whether to skip."""
         standalone = self._ddp is None
         if not self._comm.distributed or (found is None and not standalone):
-            return bool(found) if found is not None else False
-        flags = [0.0 if found is None else float(found.item())]
+            return found is not None and found.item() > 0
+        flags = [0.0 if found is None else found.item()]
         if standalone:
             flags += [float(x) for bp in present for x in bp]
         t = torch.tensor(flags, dtype=torch.float32, device=self._buckets[0].device)
@@ -464,6 +470,40 @@ class ShardedAdamW(Optimizer):
                 bp[:] = [v > 0 for v in values[k : k + len(bp)]]
                 k += len(bp)
         return t[0].item() > 0
+
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the averaged gradient by its norm over all shards; returns that norm.
+
+        ``torch.nn.utils.clip_grad_norm_``'s contract, computed on the reduced shards: each
+        rank contributes the norm of its shards, one all-reduce combines them, every rank
+        gets the same total and scales only what it owns. Collective.
+        """
+        self._finish_reduction()
+        norm_type = float(norm_type)
+        shards = [b.grad for b in self._buckets if b.has_grad]
+        device = self._buckets[0].device if self._buckets else torch.device("cpu")
+        if not shards:
+            return torch.zeros((), device=device)
+        norms = torch.stack([torch.linalg.vector_norm(s, norm_type) for s in shards])
+        if math.isinf(norm_type):
+            local = norms.max().float()
+            total = self._comm.all_reduce_(local.reshape(1), "max", shard_only=True)[0]
+        else:
+            local = norms.double().pow(norm_type).sum().reshape(1)
+            total = self._comm.all_reduce_(local, "sum", shard_only=True)[0]
+            total = total.pow(1.0 / norm_type).float()
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients is non-finite, so it "
+                "cannot be clipped. To disable this error and scale the gradients by the "
+                "non-finite norm anyway, set `error_if_nonfinite=False`"
+            )
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(shards, coef.to(shards[0].device))
+        return total
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -478,7 +518,20 @@ class ShardedAdamW(Optimizer):
             return loss
         self._finish_reduction()
         present = self._presence()
-        if self._agree(present, None):
+        scaler_found = getattr(self, "found_inf", None)  # set by GradScaler.step
+        if scaler_found is not None and not self._scaler_checked:
+            raise RuntimeError(
+                "ShardedAdamW: torch.amp.GradScaler unscales and checks p.grad, which after a "
+                "reduce-scatter is not the averaged gradient; use sharded_adamw.ShardedGradScaler"
+            )
+        self._scaler_checked = False
+        grad_scale = getattr(self, "grad_scale", None)
+        inv = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        found = self._check_finite(inv) if self.skip_nonfinite or inv is not None else None
+        skip = self._agree(present, found)
+        if scaler_found is not None and float(scaler_found) > 0:
+            skip = True
+        if skip:
             self.skipped_steps += 1
             self._after_step()
             if self._comm.global_rank == 0:
@@ -493,7 +546,7 @@ class ShardedAdamW(Optimizer):
             if not any(bp):
                 continue
             with record_function("sharded_adamw.update"):
-                gathered = bucket.update(bp, None)
+                gathered = bucket.update(bp)
             with record_function("sharded_adamw.all_gather"):
                 handles.append(
                     self._comm.all_gather_params(

@@ -1,0 +1,447 @@
+"""``sharded-adamw``: estimate memory and communication, verify against DDP + AdamW, report.
+
+- ``estimate``: arithmetic only (``estimate.py``), no processes.
+- ``verify``: trains a small model with DDP + ShardedAdamW and with DDP + torch.optim.AdamW
+  from the same weights on the same data, and compares them parameter by parameter.
+- ``report``: trains a small model a few steps and prints ``report(opt)``.
+
+``verify`` and ``report`` run under torchrun (``torchrun --nproc_per_node K -m
+sharded_adamw.cli verify``) or as one process; they join torchrun's process group, or make
+a one-process group, with NCCL when CUDA is available and gloo otherwise. Only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from decimal import Decimal, InvalidOperation
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .estimate import DTYPE_BYTES, format_bytes, markdown_table, render_estimate
+from .optimizer import ShardedAdamW
+
+SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+VOCAB = 37
+
+
+# ---- argument types: each error names the value; argparse adds the argument's name ---------
+
+
+def parameter_count(text: str) -> int:
+    """A positive whole number of parameters: ``7e9``, ``7000000000``, ``7B``, ``350M``."""
+    body, scale = text.strip(), 1
+    if body[-1:].upper() in SUFFIXES:
+        body, scale = body[:-1], SUFFIXES[body[-1].upper()]
+    try:
+        value = Decimal(body) * scale
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of parameters such as 7e9 or 7B, got {text!r}"
+        ) from None
+    if not value.is_finite() or value != value.to_integral_value() or value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive whole number of parameters, got {text!r}"
+        )
+    return int(value)
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def bandwidth(text: str) -> float:
+    """A positive bandwidth in GB/s."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GB/s such as 25, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GB/s, got {text!r}")
+    return value
+
+
+positive = _at_least(1)
+
+
+# ---- the parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sharded-adamw`` parser with its three subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="sharded-adamw",
+        description="ZeRO-style sharded AdamW for PyTorch: size a job, check that the "
+        "optimizer matches torch.optim.AdamW, and show what it holds and sends.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    est = sub.add_parser(
+        "estimate",
+        help="per-rank memory and communication of DDP + AdamW vs ShardedAdamW (no GPUs needed)",
+        description="Print per-rank memory (params, grads, optimizer state incl. fp32 master "
+        "weights) of DDP + torch AdamW, ShardedAdamW attached to DDP (ZeRO-1) and "
+        "ShardedAdamW standalone (ZeRO-2), and the bytes each rank sends per step with a "
+        "lower bound on the time for DDP, flat and hybrid sharding. Pure arithmetic; the "
+        "model behind it is described in sharded_adamw/estimate.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    est.add_argument(
+        "--params",
+        type=parameter_count,
+        required=True,
+        help="number of trainable parameters, e.g. 7e9, 7B or 350M",
+    )
+    est.add_argument(
+        "--world-size", type=positive, required=True, help="data-parallel ranks (GPUs) in all"
+    )
+    est.add_argument(
+        "--dtype",
+        choices=sorted(DTYPE_BYTES),
+        default="fp32",
+        help="parameter dtype; bf16/fp16 keep fp32 master weights and state",
+    )
+    est.add_argument(
+        "--reduce-dtype",
+        choices=sorted(DTYPE_BYTES),
+        default=None,
+        help="dtype ShardedAdamW averages gradients in (default: fp32 for "
+        "bf16/fp16, else the parameter dtype)",
+    )
+    est.add_argument(
+        "--num-tensors",
+        type=positive,
+        default=1,
+        help="number of parameter tensors; the parameters are split evenly over "
+        "them and padding is computed exactly for that split",
+    )
+    est.add_argument(
+        "--replicas",
+        type=positive,
+        default=1,
+        help="replicas of a replicate x shard mesh (hybrid sharding); must divide "
+        "--world-size; state is sharded world-size/replicas ways",
+    )
+    est.add_argument(
+        "--gpus-per-node",
+        type=positive,
+        default=8,
+        help="ranks per node; a group within one node uses --intra-bw",
+    )
+    est.add_argument(
+        "--intra-bw",
+        type=bandwidth,
+        default=200.0,
+        help="intra-node bandwidth per rank and direction, GB/s (e.g. NVLink "
+        "bus bandwidth from nccl-tests)",
+    )
+    est.add_argument(
+        "--inter-bw",
+        type=bandwidth,
+        default=25.0,
+        help="inter-node bandwidth per rank and direction, GB/s (e.g. 25 for a "
+        "200 Gb/s NIC per GPU)",
+    )
+
+    ver = sub.add_parser(
+        "verify",
+        help="train DDP + ShardedAdamW and DDP + torch AdamW side by side and compare bits",
+        description="Train a small model (embedding, linear, layernorm; no tensor size "
+        "divides by 2..12 ranks, so padding is exercised) with DDP + ShardedAdamW (attached) "
+        "and with DDP + torch.optim.AdamW from the same weights on the same data, then print "
+        "each parameter's max abs difference and whether it is bitwise equal. Run it under "
+        "torchrun (torchrun --nproc_per_node K -m sharded_adamw.cli verify) or as one "
+        "process. Exits with status 1 if any parameter differs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ver.add_argument("--steps", type=positive, default=20, help="training steps")
+    ver.add_argument(
+        "--world-size-check",
+        action="store_true",
+        help="fail unless run on at least 2 processes (a one-process run "
+        "shards nothing, so it proves little)",
+    )
+
+    rep = sub.add_parser(
+        "report",
+        help="train a tiny model a few steps and print what ShardedAdamW holds and sends",
+        description="Train a small model a few steps with ShardedAdamW and print report(opt): "
+        "this rank's memory (opt.memory()) and the last step's communication "
+        "(opt.comm_stats()). Run it under torchrun or as one process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    rep.add_argument("--steps", type=positive, default=3, help="training steps")
+    rep.add_argument(
+        "--attach",
+        action="store_true",
+        help="attach the optimizer to DDP (ZeRO-1) instead of standalone (ZeRO-2)",
+    )
+    rep.add_argument(
+        "--replicas",
+        type=positive,
+        default=1,
+        help="hybrid sharding over a (replicas, world/replicas) mesh; must divide the world size",
+    )
+    for sp in sub.choices.values():
+        sp.set_defaults(subparser=sp)  # for errors found after parsing
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the arguments; errors exit with status 2 naming the argument."""
+    args = build_parser().parse_args(argv)
+    if args.command == "estimate":
+        if args.world_size % args.replicas:
+            args.subparser.error(
+                f"argument --replicas: {args.replicas} does not divide "
+                f"--world-size {args.world_size}"
+            )
+        if args.num_tensors > args.params:
+            args.subparser.error(
+                f"argument --num-tensors: {args.num_tensors:,} tensors cannot hold "
+                f"--params {args.params:,} (each needs at least one element)"
+            )
+    return args
+
+
+# ---- process group and the small model ------------------------------------------------------
+
+
+def init_distributed() -> tuple[bool, torch.device]:
+    """Join torchrun's process group, or make a one-process group; returns whether this call
+    created the group (and must destroy it) and this rank's device."""
+    created = not dist.is_initialized()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
+    if cuda:
+        torch.cuda.set_device(device)
+    if created:
+        backend = "nccl" if cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return created, device or torch.device("cpu")
+
+
+class SmallModel(nn.Module):
+    """Embedding, linear, layernorm and a head; every tensor size is a product of primes
+    >= 13 (481, 377, 29, 1073, 37), so none divides evenly by 2..12 ranks."""
+
+    def __init__(self, dim: int = 13, hidden: int = 29):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, dim)
+        self.up = nn.Linear(dim, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.relu(self.up(self.emb(x)))))
+
+
+def _groups(model: nn.Module) -> list[dict]:
+    """Weight decay on matrices only, as training scripts do."""
+    return [
+        {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+        {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _train(net: nn.Module, opt: torch.optim.Optimizer, steps: int, device: torch.device) -> None:
+    """``steps`` steps on batches that depend only on (step, rank), so runs are comparable."""
+    rank = dist.get_rank()
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x = torch.randint(0, VOCAB, (8, 5), generator=g).to(device)
+        logits = net(x)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.roll(1, 1).reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _ddp(model: nn.Module, device: torch.device) -> DDP:
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ---- verify ----------------------------------------------------------------------------------
+
+
+def verify(steps: int, device: torch.device) -> tuple[str, bool]:
+    """Train both setups ``steps`` steps; return the comparison table and whether every
+    parameter is bitwise equal. Collective: every rank must call it."""
+    torch.manual_seed(0)
+    ref_model = SmallModel().to(device)
+    model = copy.deepcopy(ref_model)
+    ref_net = _ddp(ref_model, device)
+    net = _ddp(model, device)
+    lr = 1e-2
+    ref_opt = torch.optim.AdamW(_groups(ref_model), lr=lr)
+    opt = ShardedAdamW(_groups(net.module), lr=lr)
+    opt.attach(net)
+    _train(ref_net, ref_opt, steps, device)
+    _train(net, opt, steps, device)
+    rows, all_equal, worst = [], True, 0.0
+    for (name, p), q in zip(ref_model.named_parameters(), model.parameters(), strict=True):
+        diff = (p.detach().double() - q.detach().double()).abs().max().item()
+        equal = torch.equal(p, q)
+        all_equal &= equal
+        worst = max(worst, diff)
+        rows.append(
+            [name, str(tuple(p.shape)), f"{p.numel():,}", f"{diff:.3g}", "yes" if equal else "NO"]
+        )
+    world = dist.get_world_size()
+    table = markdown_table(["parameter", "shape", "numel", "max abs diff", "bitwise equal"], rows)
+    verdict = (
+        "all parameters bitwise equal"
+        if all_equal
+        else f"{sum(r[-1] == 'NO' for r in rows)} of {len(rows)} parameters differ "
+        f"(max abs diff {worst:.3g})"
+    )
+    summary = (
+        f"verify: world size {world}, {steps} steps, {dist.get_backend()}, "
+        f"ShardedAdamW attached to DDP vs DDP + torch.optim.AdamW: {verdict}"
+    )
+    return f"{table}\n\n{summary}", all_equal
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def report(opt: ShardedAdamW) -> str:
+    """This rank's memory (``opt.memory()``) and the last step's communication
+    (``opt.comm_stats()``) as two markdown tables."""
+    mem, comm = opt.memory(), opt.comm_stats()
+    P = sum(p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad)
+    per = lambda b: f"{b / P:.3f}" if P else "-"  # noqa: E731
+    world, replicas = mem["world_size"], mem["replicas"]
+    mesh = f"{world}-way" + (f" x {replicas} replicas" if replicas > 1 else "")
+    memory_rows = [
+        ("parameters (full, on every rank)", mem["param_bytes"]),
+        ("gradient shard", mem["grad_shard_bytes"]),
+        ("optimizer state, owned (opt.state)", mem["state_bytes"]),
+        ("optimizer state, allocated (with padding)", mem["state_allocated_bytes"]),
+    ]
+    kinds = ("reduce_scatter", "all_gather", "all_reduce")
+    total = sum(comm[f"{k}_bytes"] for k in kinds)
+    comm_rows = [
+        [
+            k.replace("_", "-"),
+            str(comm[f"{k}_calls"]),
+            f"{comm[f'{k}_bytes']:,}",
+            format_bytes(comm[f"{k}_bytes"]),
+            per(comm[f"{k}_bytes"]),
+        ]
+        for k in kinds
+    ]
+    comm_rows.append(
+        [
+            "total",
+            str(sum(comm[f"{k}_calls"] for k in kinds)),
+            f"{total:,}",
+            format_bytes(total),
+            per(total),
+        ]
+    )
+    return "\n".join(
+        [
+            f"ShardedAdamW, state sharded {mesh}, {P:,} trainable parameters",
+            "",
+            "## Memory on this rank",
+            "",
+            markdown_table(
+                ["what", "bytes", "size", "B/param"],
+                [[what, f"{b:,}", format_bytes(b), per(b)] for what, b in memory_rows],
+            ),
+            "",
+            "## Communication in the last step (bytes counted as in collectives.py: full "
+            "reduce-scatter input, full all-gather output, twice an all-reduce's buffer)",
+            "",
+            markdown_table(["collective", "calls", "bytes", "size", "B/param"], comm_rows),
+        ]
+    )
+
+
+def _report_demo(steps: int, attach: bool, replicas: int, device: torch.device) -> str:
+    """Train ``SmallModel`` ``steps`` steps with ShardedAdamW and return ``report(opt)``."""
+    world = dist.get_world_size()
+    group = None
+    if replicas > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        group = init_device_mesh(
+            device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard")
+        )
+    torch.manual_seed(0)
+    model = SmallModel().to(device)
+    net = _ddp(model, device) if attach else model
+    opt = ShardedAdamW(_groups(model), lr=1e-2, process_group=group)
+    if attach:
+        opt.attach(net)
+    _train(net, opt, steps, device)
+    mode = "attached to DDP (ZeRO-1)" if attach else "standalone (ZeRO-2)"
+    return f"report: {steps} steps, {mode}, world size {world}\n\n{report(opt)}"
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``sharded-adamw`` command line; returns the exit status."""
+    args = parse_args(argv)
+    if args.command == "estimate":
+        print(
+            render_estimate(
+                args.params,
+                args.world_size,
+                args.dtype,
+                num_tensors=args.num_tensors,
+                replicas=args.replicas,
+                gpus_per_node=args.gpus_per_node,
+                intra_gbps=args.intra_bw,
+                inter_gbps=args.inter_bw,
+                reduce_dtype=args.reduce_dtype,
+            )
+        )
+        return 0
+    created, device = init_distributed()
+    try:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if args.command == "verify":
+            if args.world_size_check and world < 2:
+                args.subparser.error(
+                    f"argument --world-size-check: world size is {world}; "
+                    "run under torchrun --nproc_per_node K with K >= 2"
+                )
+            text, ok = verify(args.steps, device)
+            status = 0 if ok else 1
+        else:
+            if world % args.replicas:
+                args.subparser.error(
+                    f"argument --replicas: {args.replicas} does not divide the world size {world}"
+                )
+            text, status = _report_demo(args.steps, args.attach, args.replicas, device), 0
+        if rank == 0:
+            print(text)
+        return status
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
