@@ -16,6 +16,7 @@ import argparse
 import copy
 import os
 import sys
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
 import torch
@@ -51,7 +52,9 @@ def parameter_count(text: str) -> int:
     return int(value)
 
 
-def _at_least(low: int):
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argument type: a whole number no smaller than ``low``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -98,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
         "ShardedAdamW standalone (ZeRO-2), and the bytes each rank sends per step with a "
         "lower bound on the time for DDP, flat and hybrid sharding. Pure arithmetic; the "
         "model behind it is described in sharded_adamw/estimate.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     est.add_argument(
         "--params",
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=sorted(DTYPE_BYTES),
         default="fp32",
-        help="parameter dtype; bf16/fp16 keep fp32 master weights and state",
+        help="parameter dtype; bf16/fp16 keep fp32 master weights and state (default: %(default)s)",
     )
     est.add_argument(
         "--reduce-dtype",
@@ -126,35 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-tensors",
         type=positive,
         default=1,
-        help="number of parameter tensors; the parameters are split evenly over "
-        "them and padding is computed exactly for that split",
+        help="number of parameter tensors (default: %(default)s); the parameters are "
+        "split evenly over them and padding is computed exactly for that split",
     )
     est.add_argument(
         "--replicas",
         type=positive,
         default=1,
-        help="replicas of a replicate x shard mesh (hybrid sharding); must divide "
-        "--world-size; state is sharded world-size/replicas ways",
+        help="replicas of a replicate x shard mesh, for hybrid sharding (default: "
+        "%(default)s); must divide --world-size; state is sharded world-size/replicas ways",
     )
     est.add_argument(
         "--gpus-per-node",
         type=positive,
         default=8,
-        help="ranks per node; a group within one node uses --intra-bw",
+        help="ranks per node, numbered node by node (default: %(default)s); a group "
+        "within one node uses --intra-bw",
     )
     est.add_argument(
         "--intra-bw",
         type=bandwidth,
         default=200.0,
-        help="intra-node bandwidth per rank and direction, GB/s (e.g. NVLink "
-        "bus bandwidth from nccl-tests)",
+        help="intra-node bandwidth per rank and direction in GB/s, e.g. NVLink bus "
+        "bandwidth from nccl-tests (default: %(default)g)",
     )
     est.add_argument(
         "--inter-bw",
         type=bandwidth,
         default=25.0,
-        help="inter-node bandwidth per rank and direction, GB/s (e.g. 25 for a "
-        "200 Gb/s NIC per GPU)",
+        help="inter-node bandwidth per rank and direction in GB/s, e.g. 25 for one "
+        "200 Gb/s NIC per GPU (default: %(default)g)",
     )
 
     ver = sub.add_parser(
@@ -166,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         "each parameter's max abs difference and whether it is bitwise equal. Run it under "
         "torchrun (torchrun --nproc_per_node K -m sharded_adamw.cli verify) or as one "
         "process. Exits with status 1 if any parameter differs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ver.add_argument("--steps", type=positive, default=20, help="training steps")
+    ver.add_argument(
+        "--steps", type=positive, default=20, help="training steps (default: %(default)s)"
+    )
     ver.add_argument(
         "--world-size-check",
         action="store_true",
@@ -182,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small model a few steps with ShardedAdamW and print report(opt): "
         "this rank's memory (opt.memory()) and the last step's communication "
         "(opt.comm_stats()). Run it under torchrun or as one process.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    rep.add_argument("--steps", type=positive, default=3, help="training steps")
+    rep.add_argument(
+        "--steps", type=positive, default=3, help="training steps (default: %(default)s)"
+    )
     rep.add_argument(
         "--attach",
         action="store_true",
@@ -194,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas",
         type=positive,
         default=1,
-        help="hybrid sharding over a (replicas, world/replicas) mesh; must divide the world size",
+        help="hybrid sharding over a (replicas, world size / replicas) mesh; must divide "
+        "the world size (default: %(default)s)",
     )
     for sp in sub.choices.values():
         sp.set_defaults(subparser=sp)  # for errors found after parsing
@@ -275,6 +281,7 @@ def _train(net: nn.Module, opt: torch.optim.Optimizer, steps: int, device: torch
 
 
 def _ddp(model: nn.Module, device: torch.device) -> DDP:
+    """``model`` in DDP on this rank's device."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

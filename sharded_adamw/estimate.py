@@ -292,19 +292,14 @@ def counted_comm_bytes(
     ``skip_nonfinite``, plus, standalone, one "had a gradient" flag per tensor.
     """
     sizes = _sizes(sizes)
-    S = shard_size(world_size, replicas)
-    pb = _dtype_bytes(dtype)
-    rb = _dtype_bytes(reduce_dtype or update_dtype(dtype))
-    padded = padded_numel(sizes, S)
-    all_reduce = 2 * (padded // S) * rb if replicas > 1 else 0
+    schemes = comm_model(sizes, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype)
+    counts = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0, "all_reduce_bytes": 0}
+    for c in schemes["hybrid" if replicas > 1 else "flat"].collectives:
+        counts[c.kind.replace("-", "_") + "_bytes"] += c.counted_bytes
     if skip_nonfinite or standalone:
         flags = 1 + (sum(sizes.values()) if standalone else 0)
-        all_reduce += 2 * flags * STEP_FLAG_BYTES
-    return {
-        "reduce_scatter_bytes": padded * rb,
-        "all_gather_bytes": padded * pb,
-        "all_reduce_bytes": all_reduce,
-    }
+        counts["all_reduce_bytes"] += 2 * flags * STEP_FLAG_BYTES
+    return counts
 
 
 def format_bytes(n: float, base: int = 1024) -> str:
