@@ -1,16 +1,36 @@
 """sharded-adamw: AdamW with its state and gradients sharded across data-parallel ranks."""
 
+from .accelerate_support import install_when_imported
 from .amp import ShardedGradScaler
 from .layout import BucketLayout, ParamSlot, chunk_size, owned_range, plan_buckets
 from .optimizer import ShardedAdamW
 
 __all__ = [
     "BucketLayout",
+    "CheckpointError",
     "ParamSlot",
     "ShardedAdamW",
     "ShardedGradScaler",
+    "checkpoint_exists",
     "chunk_size",
+    "load_checkpoint",
     "owned_range",
     "plan_buckets",
+    "save_checkpoint",
 ]
 __version__ = "0.1.0"
+
+_CHECKPOINT = ("CheckpointError", "checkpoint_exists", "load_checkpoint", "save_checkpoint")
+
+
+def __getattr__(name: str):
+    """The checkpoint functions load on first use: torch.distributed.checkpoint takes ~1 s to
+    import, which every other use of the package (the CLI, a single-process run) is spared."""
+    if name in _CHECKPOINT:
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+install_when_imported()

@@ -157,23 +157,12 @@ class Comm:
         return Handle(work, across_replicas)
 
     def all_gather_params(
-        self,
-        gathered: torch.Tensor,
-        outputs: Sequence[torch.Tensor],
-        chunks: Sequence[int],
-        async_op: bool,
+        self, gathered: torch.Tensor, copy_out: Callable[[], None], async_op: bool
     ) -> Handle:
-        """All-gather the bucket whose shard sits in ``gathered[rank]``, then copy it out.
-
-        ``gathered`` is ``(world_size, shard_numel)``; the all-gather runs in place (this
-        rank's row is the input). Copy-out splits the columns per parameter into
-        ``outputs``, each a parameter's padded storage viewed as ``(world_size, chunk)``.
-        """
+        """All-gather the bucket whose updated shard sits in ``gathered[rank]`` (in place:
+        ``gathered`` is ``world_size x shard``), then run ``copy_out`` to write it into the
+        parameters."""
         self._count("all_gather", gathered)
-
-        def copy_out() -> None:
-            torch.split_with_sizes_copy(gathered, list(chunks), dim=1, out=list(outputs))
-
         if not self.distributed:
             return Handle(None, copy_out)
         work = dist.all_gather_single(
@@ -203,6 +192,7 @@ class Comm:
         self._count("all_reduce", t)
         dist.all_reduce(t, op=rop, group=self.shard_group)
         if self.replicate_group is not None and not shard_only:
+            self._count("all_reduce", t)
             dist.all_reduce(t, op=rop, group=self.replicate_group)
         return t
 

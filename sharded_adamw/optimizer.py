@@ -33,22 +33,29 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def _padded_storage(p: torch.Tensor, world_size: int) -> torch.Tensor:
-    """``p``'s storage viewed as ``(world_size, chunk)``.
+def _flat(p: torch.Tensor) -> torch.Tensor:
+    """``p``'s elements as a 1-D view (a non-contiguous parameter is made contiguous once)."""
+    if not p.is_contiguous():
+        p.data = p.data.contiguous()
+    return p.data.view(-1)
 
-    A parameter whose size does not divide by the world size (or that is not contiguous) is
-    moved, once, into a zero-padded buffer of ``world_size * chunk`` elements; ``p`` keeps its
-    identity and values and becomes a view of that buffer. The padding lets the all-gather
-    write straight into the parameter with one copy per bucket.
-    """
-    numel = p.numel()
-    chunk = -(-numel // world_size)
-    if p.is_contiguous() and numel == chunk * world_size:
-        return p.data.view(world_size, chunk)
-    base = torch.zeros(chunk * world_size, dtype=p.dtype, device=p.device)
-    base[:numel].copy_(p.data.reshape(-1))
-    p.data = base[:numel].view(p.shape)
-    return base.view(world_size, chunk)
+
+def _copy_out_views(
+    p: torch.Tensor, gathered: torch.Tensor, offset: int, chunk: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(destination, source) pairs that copy ``p``'s columns of the all-gather buffer
+    ``gathered`` (``world_size x shard``) into ``p``, skipping the padding: the ranks whose
+    chunk is full as one 2-D block, then the partial chunk of the last owning rank."""
+    flat, full = _flat(p), p.numel() // chunk
+    pairs = []
+    if full:
+        pairs.append(
+            (flat[: full * chunk].view(full, chunk), gathered[:full, offset : offset + chunk])
+        )
+    tail = p.numel() - full * chunk
+    if tail:
+        pairs.append((flat[full * chunk :], gathered[full, offset : offset + tail]))
+    return pairs
 
 
 class ShardBucket:
@@ -73,11 +80,10 @@ class ShardBucket:
         low = self.param_dtype in LOW_PRECISION and master_weights
         self.update_dtype = torch.float32 if low else self.param_dtype
         self.reduce_dtype = reduce_dtype or self.update_dtype
-        self.chunks = [s.chunk for s in layout.slots]
-        self.padded = [_padded_storage(p, layout.world_size) for p in params]
-        self.rows = [v[rank] for v in self.padded]
+        self.gathered: torch.Tensor | None = None  # bound to a GatherPool slot before use
+        self.slot: tuple = ()
         numel = layout.shard_numel
-        self.master = torch.cat(self.rows).to(torch.float32) if low else None
+        self.master = torch.cat(self._owned_rows()).to(torch.float32) if low else None
         self.exp_avg = self._zeros(numel)
         self.exp_avg_sq = self._zeros(numel)
         self.max_exp_avg_sq = self._zeros(numel) if group["amsgrad"] else None
@@ -88,6 +94,48 @@ class ShardBucket:
         self.uniform_steps = True
         self.present = [False] * len(params)
         self.ready = 0  # gradients that arrived in the current backward
+
+    def _owned_rows(self) -> list[torch.Tensor]:
+        """This rank's chunk of every parameter as views of the parameters, with zero padding
+        where the chunk runs past the end, in shard order (``torch.cat`` gives the shard)."""
+        rows = []
+        for p, slot in zip(self.params, self.layout.slots):
+            rows.append(_flat(p)[slot.start : slot.end])
+            if slot.owned < slot.chunk:
+                rows.append(torch.zeros(slot.chunk - slot.owned, dtype=p.dtype, device=p.device))
+        return rows
+
+    def bind(self, buffer: torch.Tensor) -> None:
+        """Use ``buffer`` (at least ``padded_numel`` elements) for this bucket's all-gather
+        and precompute every copy-in and copy-out view, so a step makes no per-parameter
+        views."""
+        for p in self.params:
+            if p.dtype != self.param_dtype or p.device != self.device:
+                raise RuntimeError(
+                    f"ShardedAdamW: a parameter of shape {tuple(p.shape)} changed from "
+                    f"{self.param_dtype} on {self.device} to {p.dtype} on {p.device} after the "
+                    "optimizer was built; move or cast the model before constructing it"
+                )
+        W, C = self.layout.world_size, self.layout.shard_numel
+        self.gathered = buffer[: W * C].view(W, C)
+        self.rows = self._owned_rows()
+        pairs = [
+            pair
+            for p, s in zip(self.params, self.layout.slots)
+            for pair in _copy_out_views(p, self.gathered, s.offset, s.chunk)
+        ]
+        self.copy_dst = [d for d, _ in pairs]
+        self.copy_src = [s for _, s in pairs]
+        self._ptrs = [p.data_ptr() for p in self.params]
+
+    def bound(self) -> bool:
+        """Whether the precomputed views still point at the parameters' storage
+        (``model.to(...)`` gives parameters new storage, even to the same device)."""
+        return self.gathered is not None and [p.data_ptr() for p in self.params] == self._ptrs
+
+    def copy_out(self) -> None:
+        """Copy the all-gathered bucket into the parameters."""
+        torch._foreach_copy_(self.copy_dst, self.copy_src)
 
     def _zeros(self, numel: int) -> torch.Tensor:
         return torch.zeros(numel, dtype=self.update_dtype, device=self.device)
@@ -127,13 +175,10 @@ class ShardBucket:
             return handle
         return handle.and_then(lambda: self.grad.add_(out) if accumulate else self.grad.copy_(out))
 
-    def update(self, present: list[bool]) -> torch.Tensor:
-        """Run AdamW on the owned shard; return the ``(world_size, shard)`` all-gather buffer
-        whose row ``rank`` holds the updated values in the parameter dtype."""
-        layout, group = self.layout, self.group
-        gathered = torch.empty(
-            (layout.world_size, layout.shard_numel), dtype=self.param_dtype, device=self.device
-        )
+    def update(self, present: list[bool]) -> None:
+        """Run AdamW on the owned shard and leave the result, in the parameter dtype, in
+        row ``rank`` of the bucket's all-gather buffer."""
+        layout, group, gathered = self.layout, self.group, self.gathered
         shard = self.master if self.master is not None else gathered[self.rank]
         if self.master is None:
             torch.cat(self.rows, out=shard)
@@ -166,7 +211,6 @@ class ShardBucket:
             self.uniform_steps = bool((self.steps == self.steps[0]).all())
         if self.master is not None:
             gathered[self.rank].copy_(self.master)
-        return gathered
 
     def state_of(self, i: int) -> dict:
         """The ``opt.state`` entry of slot ``i``: live views of this rank's owned elements."""
@@ -180,6 +224,41 @@ class ShardBucket:
         if self.master is not None:
             state["master_param"] = self.views(self.master, i)
         return state
+
+
+class GatherPool:
+    """A few reusable all-gather buffers per (dtype, device), shared by the buckets in turn.
+
+    Bucket ``i`` of a (dtype, device) uses slot ``i % size``; ``step()`` waits for a slot's
+    previous all-gather (and its copy-out) before reusing it, so at most ``size`` buckets'
+    worth of gathered parameters exist at once. Views into the slots are made once, at bind.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.buffers: dict[tuple, list[torch.Tensor]] = {}
+
+    def bind(self, buckets: list[ShardBucket]) -> None:
+        """(Re)bind buckets whose views are stale; reallocate if a bucket outgrew its slot."""
+        if all(b.bound() for b in buckets):
+            return
+        need: dict[tuple, int] = {}
+        for b in buckets:
+            key = (b.param_dtype, b.device)
+            need[key] = max(need.get(key, 0), b.layout.padded_numel)
+        for key, numel in need.items():
+            have = self.buffers.get(key)
+            if have is None or have[0].numel() < numel:
+                dtype, device = key
+                self.buffers[key] = [
+                    torch.empty(numel, dtype=dtype, device=device) for _ in range(self.size)
+                ]
+        counts: dict[tuple, int] = {}
+        for b in buckets:
+            key = (b.param_dtype, b.device)
+            i = counts[key] = counts.get(key, -1) + 1
+            b.slot = (key, i % self.size)
+            b.bind(self.buffers[key][i % self.size])
 
 
 class ShardedAdamW(Optimizer):
@@ -201,6 +280,8 @@ class ShardedAdamW(Optimizer):
       of the update (fp32 with master weights).
     - ``skip_nonfinite``: skip the whole step on every rank when any rank's gradient holds a
       NaN or inf (counted in ``skipped_steps``).
+    - ``gather_buffers``: all-gathers in flight at once in ``step()``, each in a reusable
+      buffer of the largest bucket's size (memory: that many buckets of parameters).
     """
 
     def __init__(
@@ -221,9 +302,12 @@ class ShardedAdamW(Optimizer):
         master_weights: bool = True,
         reduce_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = True,
+        gather_buffers: int = 2,
     ):
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if gather_buffers < 1:
+            raise ValueError(f"Invalid gather_buffers: {gather_buffers} (must be >= 1)")
         if not bucket_cap_mb > 0:
             raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb} (must be > 0)")
         self._comm = Comm(process_group)
@@ -236,6 +320,7 @@ class ShardedAdamW(Optimizer):
         self._scaler_checked = False  # ShardedGradScaler checked the shards for this step
         self._step_supports_amp_scaling = True  # GradScaler hands its scale to step()
         self._buckets: list[ShardBucket] = []
+        self._pool = GatherPool(gather_buffers)
         self._slot: dict[torch.nn.Parameter, tuple[ShardBucket, int]] = {}
         self._names: dict[torch.nn.Parameter, str] = {}
         self._hooks: list = []
@@ -541,20 +626,21 @@ class ShardedAdamW(Optimizer):
                     self.skipped_steps,
                 )
             return loss
-        handles = []
+        self._pool.bind(self._buckets)
+        in_flight: dict[tuple, Handle] = {}  # pool slot -> the all-gather that is using it
         for bucket, bp in zip(self._buckets, present):
             if not any(bp):
                 continue
+            if bucket.slot in in_flight:  # wait for, and copy out, the slot's last user
+                in_flight.pop(bucket.slot).wait()
             with record_function("sharded_adamw.update"):
-                gathered = bucket.update(bp)
+                bucket.update(bp)
             with record_function("sharded_adamw.all_gather"):
-                handles.append(
-                    self._comm.all_gather_params(
-                        gathered, bucket.padded, bucket.chunks, async_op=self._overlap
-                    )
+                in_flight[bucket.slot] = self._comm.all_gather_params(
+                    bucket.gathered, bucket.copy_out, async_op=self._overlap
                 )
         with record_function("sharded_adamw.all_gather_wait"):
-            for handle in handles:
+            for handle in in_flight.values():
                 handle.wait()
         self._after_step()
         return loss
