@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Fault-tolerant training: when any worker fails, torchrun stops them all and starts the whole
+# group again, up to MAX_RESTARTS times. Single node (--standalone) unless RDZV_ENDPOINT is set;
+# then, as in run_multi_node.sh, run it on every node, and NNODES may be a range MIN:MAX so
+# that the job goes on with the nodes that are left.
+#
+#   MAX_RESTARTS=3 bash launch/run_elastic.sh --steps 1000
+#
+# A restarted job starts the script from the top, possibly with another RANK and WORLD_SIZE
+# (TORCHELASTIC_RESTART_COUNT tells it which attempt it is): the script must load its latest
+# checkpoint before it trains, and that checkpoint must not depend on the old world size
+# (ShardedAdamW.state_dict() is torch.optim.AdamW's format and loads at any world size).
+# examples/train_gpt.py saves no checkpoint, so under this script it starts over.
+#
+# Environment (all optional):
+#   MAX_RESTARTS   restarts of the worker group before giving up (default 3)
+#   NPROC          processes per node (default: number of GPUs, or 2 without GPUs)
+#   LOG_RANK       local ranks whose output is shown (default 0; torchrun's --local-ranks-filter)
+#   SCRIPT         training script (default examples/train_gpt.py)
+#   RDZV_ENDPOINT  host:port of a c10d rendezvous for several nodes, with NNODES (default 1)
+#                  and RDZV_ID (default sharded-adamw)
+# Every argument is passed on to the script.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
+fi
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+NPROC=${NPROC:-$((gpus > 0 ? gpus : 2))}
+LOG_RANK=${LOG_RANK:-0}
+SCRIPT=${SCRIPT:-"$repo/examples/train_gpt.py"}
+if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+  nodes=(--nnodes "${NNODES:-1}" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
+    --rdzv-id "${RDZV_ID:-sharded-adamw}")
+else
+  nodes=(--standalone)
+fi
+
+cmd=(torchrun "${nodes[@]}" --nproc_per_node "$NPROC" --max-restarts "$MAX_RESTARTS"
+  --local-ranks-filter "$LOG_RANK" "$SCRIPT" "$@")
+echo "+ ${cmd[*]}"
+exec "${cmd[@]}"

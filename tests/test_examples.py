@@ -1,0 +1,58 @@
+"""The example runs end to end: the launch script (README's first command, with a tiny model)
+on two gloo ranks, and the same script as one plain process."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--steps", "8", "--layers", "1", "--d-model", "32", "--seq-len", "32", "--batch-size", "4"]
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+
+
+def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repository root with this interpreter's environment (its
+    ``torchrun`` first on PATH, the repository importable) and no torchrun variables."""
+    base = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", "")])
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [base.get("PYTHONPATH"), str(REPO)]))
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**base, **env}, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_node_launch_trains_sharded_and_torch_adamw_to_the_same_bits(tmp_path):
+    png = tmp_path / "loss.png"
+    proc = _run(
+        ["bash", "launch/run_single_node.sh", *TINY, "--out", str(png)], NPROC="2", LOG_RANK="0"
+    )
+    out = proc.stdout
+    assert "+ torchrun --standalone --nproc_per_node 2 --local-ranks-filter 0 " in out
+    assert "memory per rank (MiB)" in out
+    for rank in (0, 1):
+        for row in ("ShardedAdamW", "DDP + AdamW", "saving"):
+            assert f"rank {rank}  {row} " in out
+        assert re.search(rf"^rank {rank}: max .* = 0, bitwise equal: True$", out, re.M), out
+    # columns params, grads, state, total: at world size 2 the optimizer state halves
+    state_saving = float(re.search(r"^rank 0  saving\s+\S+\s+\S+\s+(\S+)x", out, re.M)[1])
+    assert 1.9 < state_saving <= 2.0
+    _assert_png(png)
+
+
+def test_train_gpt_runs_as_one_plain_process(tmp_path):
+    png = tmp_path / "loss.png"
+    proc = _run([sys.executable, "examples/train_gpt.py", *TINY, "--out", str(png)])
+    assert "world size 1" in proc.stderr
+    assert re.search(r"^rank 0: max .* = 0, bitwise equal: True$", proc.stdout, re.M)
+    assert "rank 1" not in proc.stdout
+    _assert_png(png)
