@@ -144,8 +144,25 @@ def _profile(rank: int, world: int) -> list[str]:
     return sorted({e.name for e in prof.events() if e.name.startswith("sharded_adamw.")})
 
 
+def _overlap_on_off(rank: int, world: int) -> bool:
+    """The same training with overlap on and off (standalone, small buckets) gives the same
+    bits, at any world size (each element is summed by the same collective either way)."""
+    models = []
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        model = TinyLM()
+        opt = ShardedAdamW(param_groups(model), overlap_comm=overlap, bucket_cap_mb=0.001)
+        for step in range(8):
+            x, y = batch(step, rank)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        models.append(model)
+    return all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+
+
 def _all(rank: int, world: int) -> dict:
-    out: dict = {"accum": {}}
+    out: dict = {"accum": {}, "overlap_equal": _overlap_on_off(rank, world)}
     ref_micro = _accumulate(rank, "torch", sync_each=False, big_batch=False)
     ref_big = _accumulate(rank, "torch", sync_each=False, big_batch=True)
     for mode in ("attach", "standalone"):
@@ -162,7 +179,7 @@ def _all(rank: int, world: int) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=(2, 4), ids=lambda w: f"W{w}")
+@pytest.fixture(scope="module", params=(2, 3, 4), ids=lambda w: f"W{w}")
 def world(request):
     return request.param, distributed.run(_all, request.param)
 
@@ -209,6 +226,11 @@ def test_many_small_tensors_use_one_collective_per_bucket(world):
         assert r["stats"]["all_gather_calls"] == r["buckets"]
         if w == 2:
             assert r["equal"]
+
+
+def test_overlap_on_and_off_are_bitwise_equal(world):
+    _, per_rank = world
+    assert all(r["overlap_equal"] for r in per_rank)
 
 
 def test_profiler_trace_names_each_phase(world):
