@@ -25,13 +25,13 @@ elements per rank in each shard buffer, so padding is exact for our layout.
   their reduce-scatter. fp32: 4 + 4/d + 8/d = 4 + 12/d. bf16 with fp32 master weights:
   2 + 4/d + 12/d = 2 + 16/d.
 
-ShardedAdamW's parameters are counted padded (a tensor whose size does not divide by ``d`` is
-moved into a buffer of ``chunk * d`` elements so the all-gather can write into it); its state
-counts ``exp_avg``, ``exp_avg_sq`` and, for bf16/fp16, the fp32 master weights
-(``master_weights=True``, the default). Not counted: the per-tensor ``step`` counters (4 B per
-tensor, in host memory for both optimizers), DDP's bucket buffers (counted as if
-``gradient_as_bucket_view=True``; with DDP's default another gradient-sized buffer exists in
-every DDP row alike), activations, and transient communication buffers.
+ShardedAdamW's parameters keep their own storage (no padding); its gradient shard and state are
+counted padded (every tensor reserves ``ceil(n/d)`` elements per rank); its state counts
+``exp_avg``, ``exp_avg_sq`` and, for bf16/fp16, the fp32 master weights (``master_weights=True``,
+the default). Not counted: the per-tensor ``step`` counters (4 B per tensor, in host memory for
+both optimizers), DDP's bucket buffers (counted as if ``gradient_as_bucket_view=True``; with DDP's
+default another gradient-sized buffer exists in every DDP row alike), activations, and transient
+communication buffers.
 
 Communication model: bytes each rank sends per step, and a lower bound on the time. Ranks are
 numbered node by node, ``gpus_per_node`` to a node, and a ``replicas x shard`` mesh puts a
@@ -162,14 +162,14 @@ def estimate_memory(
         "ddp": MemoryEstimate("DDP + torch AdamW", P * pb, P * ub, P * state_per_elem, P),
         "attached": MemoryEstimate(
             f"ShardedAdamW attached to DDP (ZeRO-1, {d}-way)",
-            shard * d * pb,
+            P * pb,
             P * pb + shard * ub,
             shard * state_per_elem,
             P,
         ),
         "standalone": MemoryEstimate(
             f"ShardedAdamW standalone (ZeRO-2, {d}-way)",
-            shard * d * pb,
+            P * pb,
             shard * ub,
             shard * state_per_elem,
             P,
@@ -298,7 +298,8 @@ def counted_comm_bytes(
         counts[c.kind.replace("-", "_") + "_bytes"] += c.counted_bytes
     if skip_nonfinite or standalone:
         flags = 1 + (sum(sizes.values()) if standalone else 0)
-        counts["all_reduce_bytes"] += 2 * flags * STEP_FLAG_BYTES
+        groups = 2 if replicas > 1 else 1  # shard group, then replicate group
+        counts["all_reduce_bytes"] += 2 * flags * STEP_FLAG_BYTES * groups
     return counts
 
 

@@ -68,7 +68,7 @@ def test_padding_is_exact_for_sizes_that_do_not_divide():
     sizes = {1001: 3, 7: 2}  # ceil(1001/4) = 251, ceil(7/4) = 2
     shard = 3 * 251 + 2 * 2
     m = estimate_memory(sizes, 4, "fp32")["standalone"]
-    assert m.params == 4 * shard * 4  # parameters live in padded (4, chunk) buffers
+    assert m.params == 4 * numel(sizes)  # parameters keep their own, unpadded storage
     assert m.grads == 4 * shard
     assert m.state == 8 * shard
     assert padded_numel(sizes, 4) - numel(sizes) == 3 * 3 + 2 * 1
@@ -159,7 +159,7 @@ def test_counted_bytes_follow_the_collectives_convention():
     standalone = counted_comm_bytes(sizes, 4, "fp32")
     assert standalone["all_reduce_bytes"] == 2 * 4 * (1 + 5)  # plus one flag per tensor
     hybrid = counted_comm_bytes(sizes, 8, "fp32", replicas=2, standalone=False)
-    assert hybrid["all_reduce_bytes"] == 2 * 4 * padded // 4 + 2 * 4
+    assert hybrid["all_reduce_bytes"] == 2 * 4 * padded // 4 + 2 * 2 * 4  # flag in both groups
 
 
 # ---- the estimate against a real optimizer -----------------------------------------------------
