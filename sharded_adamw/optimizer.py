@@ -84,6 +84,7 @@ class ShardBucket:
         self.slot: tuple = ()
         numel = layout.shard_numel
         self.master = torch.cat(self._owned_rows()).to(torch.float32) if low else None
+        self._versions = [p._version for p in params]
         self.exp_avg = self._zeros(numel)
         self.exp_avg_sq = self._zeros(numel)
         self.max_exp_avg_sq = self._zeros(numel) if group["amsgrad"] else None
@@ -127,6 +128,25 @@ class ShardBucket:
         self.copy_dst = [d for d, _ in pairs]
         self.copy_src = [s for _, s in pairs]
         self._ptrs = [p.data_ptr() for p in self.params]
+
+    def sync_masters(self) -> None:
+        """Re-seed the master weights of parameters written outside the optimizer since the
+        last step (``model.load_state_dict``, DDP's initial broadcast), where the parameter
+        no longer equals its master rounded to the parameter dtype: the parameter wins.
+
+        The optimizer's own copy-out writes through ``p.data``, which does not bump
+        ``p._version``; any other in-place write does. A write of the same values (resuming
+        from a checkpoint that also restores the masters) keeps the fp32 masters."""
+        versions = [p._version for p in self.params]
+        if self.master is None or versions == self._versions:
+            self._versions = versions
+            return
+        for i, (p, slot) in enumerate(zip(self.params, self.layout.slots)):
+            if versions[i] != self._versions[i]:
+                master, current = self.views(self.master, i), _flat(p)[slot.start : slot.end]
+                if not torch.equal(master.to(p.dtype), current):
+                    master.copy_(current)
+        self._versions = versions
 
     def bound(self) -> bool:
         """Whether the precomputed views still point at the parameters' storage
@@ -179,6 +199,7 @@ class ShardBucket:
         """Run AdamW on the owned shard and leave the result, in the parameter dtype, in
         row ``rank`` of the bucket's all-gather buffer."""
         layout, group, gathered = self.layout, self.group, self.gathered
+        self.sync_masters()
         shard = self.master if self.master is not None else gathered[self.rank]
         if self.master is None:
             torch.cat(self.rows, out=shard)

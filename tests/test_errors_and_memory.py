@@ -157,3 +157,41 @@ def test_attach_to_a_ddp_with_other_parameters_names_the_parameter(checks):
     _, per_rank = checks
     for r in per_rank:
         assert r["foreign"] is not None and "'weight'" in r["foreign"]
+
+
+def test_bf16_weights_loaded_after_construction_reseed_the_fp32_masters():
+    """model.load_state_dict after the optimizer exists: the next step starts from the loaded
+    weights, exactly as an optimizer built after the load would."""
+    torch.manual_seed(0)
+    model, other = nn.Linear(5, 3).bfloat16(), nn.Linear(5, 3).bfloat16()
+    opt = ShardedAdamW(model.parameters())
+    model.load_state_dict(other.state_dict())
+    ref = nn.Linear(5, 3).bfloat16()
+    ref.load_state_dict(other.state_dict())
+    ref_opt = ShardedAdamW(ref.parameters())
+    x = torch.randn(4, 5).bfloat16()
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            m(x).float().sum().backward()
+            o.step()
+            o.zero_grad()
+    assert torch.equal(model.weight, ref.weight) and torch.equal(model.bias, ref.bias)
+
+
+def test_model_to_after_construction_keeps_training_the_same_parameters():
+    """``model.to("cpu:0")`` gives parameters new storage; the optimizer follows them."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    ref = nn.Linear(5, 3)
+    ref.load_state_dict(model.state_dict())
+    opt, ref_opt = ShardedAdamW(model.parameters()), torch.optim.AdamW(ref.parameters())
+    model.to(torch.device("cpu", 0))
+    x = torch.randn(4, 5)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        m(x).sum().backward()
+        o.step()
+    assert torch.equal(model.weight, ref.weight)
+    with pytest.raises(RuntimeError, match="changed from torch.float32 on cpu to torch.float64"):
+        model.double()
+        model(x.double()).sum().backward()
+        opt.step()
