@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
@@ -200,7 +201,7 @@ class Run:
         groups = param_groups(model, WEIGHT_DECAY)
         hyper = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
         if sharded:
-            self.opt = ShardedAdamW(groups, **hyper)
+            self.opt = ShardedAdamW(groups, **hyper, process_group=shard_mesh(args, device))
             self.opt.attach(self.ddp)
         else:
             self.opt = torch.optim.AdamW(groups, **hyper)
@@ -302,13 +303,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="loss-curve PNG (default runs/loss_curve.png)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=0,
+        help="hybrid sharding: shard the optimizer state over groups of this many ranks (e.g. "
+        "the GPUs of one node) and replicate across groups; must divide the world size "
+        "(default 0: shard over every rank)",
+    )
     args = p.parse_args(argv)
+    if args.shard_size < 0:
+        p.error(f"--shard-size must be >= 0, got {args.shard_size}")
     for name in ("steps", "batch_size", "seq_len", "d_model", "layers"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.d_model % HEADS:
         p.error(f"--d-model must be a multiple of {HEADS} (the number of heads)")
     return args
+
+
+def shard_mesh(args: argparse.Namespace, device: torch.device):
+    """The ``("replicate", "shard")`` mesh for ``--shard-size``, or None for flat sharding."""
+    if not args.shard_size:
+        return None
+    world = dist.get_world_size()
+    if world % args.shard_size:
+        raise SystemExit(f"--shard-size {args.shard_size} does not divide the world size {world}")
+    return init_device_mesh(
+        device.type,
+        (world // args.shard_size, args.shard_size),
+        mesh_dim_names=("replicate", "shard"),
+    )
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -4,6 +4,11 @@
 #
 #   NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=run42 bash launch/run_multi_node.sh --steps 1000
 #
+# Hybrid sharding (optimizer state sharded inside each node over a 2-D DeviceMesh, replicated
+# across nodes, so only 1/NPROC of the gradient crosses the network) with examples/train_gpt.py:
+#
+#   NNODES=4 RDZV_ENDPOINT=node0:29400 bash launch/run_multi_node.sh --shard-size 8
+#
 # Environment:
 #   NNODES         number of nodes (required)
 #   RDZV_ENDPOINT  host:port of the rendezvous, a free port on one of the nodes (required)
