@@ -56,3 +56,33 @@ def test_train_gpt_runs_as_one_plain_process(tmp_path):
     assert re.search(r"^rank 0: max .* = 0, bitwise equal: True$", proc.stdout, re.M)
     assert "rank 1" not in proc.stdout
     _assert_png(png)
+
+
+def test_multi_node_launch_with_hybrid_sharding_runs_on_one_node(tmp_path):
+    """launch/run_multi_node.sh with c10d rendezvous on localhost, 4 ranks as a 2 x 2 mesh."""
+    from .distributed import free_port
+
+    proc = _run(
+        [
+            "bash",
+            "launch/run_multi_node.sh",
+            *TINY,
+            "--shard-size",
+            "2",
+            "--out",
+            str(tmp_path / "l.png"),
+        ],
+        NNODES="1",
+        NPROC="4",
+        RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+        LOG_RANK="0",
+    )
+    assert "--rdzv-backend c10d" in proc.stdout
+    assert "world size 4" in proc.stderr
+    # hybrid sums each gradient as (a + b) + (c + d): close to DDP, not bitwise
+    diff = float(
+        re.search(
+            r"^rank 0: max \|ShardedAdamW - AdamW\| over parameters = (\S+),", proc.stdout, re.M
+        )[1]
+    )
+    assert diff < 1e-5
