@@ -38,6 +38,7 @@ def _worker(rank, world_size, port, fn, args, results):
             timeout=datetime.timedelta(seconds=60),
         )
         out = fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
