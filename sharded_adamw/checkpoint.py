@@ -161,8 +161,6 @@ def load_checkpoint(
                 t.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
     for g, sg in zip(opt.param_groups, meta["param_groups"]):
         g.update({k: v for k, v in sg.items() if k not in RUNTIME_KEYS})
-    for bucket in opt._buckets:  # steps were written through views: recompute the bucket's flag
-        bucket.uniform_steps = bool((bucket.steps == bucket.steps[0]).all())
     return _from_bytes(temp["extra"])
 
 

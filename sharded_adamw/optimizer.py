@@ -92,7 +92,6 @@ class ShardBucket:
         self.has_grad = False
         step_device = self.device if group["fused"] else torch.device("cpu")
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=step_device)
-        self.uniform_steps = True
         self.present = [False] * len(params)
         self.ready = 0  # gradients that arrived in the current backward
 
@@ -206,7 +205,7 @@ class ShardBucket:
         if group["amsgrad"] and self.max_exp_avg_sq is None:
             self.max_exp_avg_sq = self._zeros(layout.shard_numel)
         vmax = [self.max_exp_avg_sq] if group["amsgrad"] else []
-        if all(present) and self.uniform_steps:
+        if all(present) and bool((self.steps == self.steps[0]).all()):
             adamw_update(
                 [shard],
                 [self.grad],
@@ -229,7 +228,6 @@ class ShardBucket:
                 [self.steps[i] for i in idx],
                 group,
             )
-            self.uniform_steps = bool((self.steps == self.steps[0]).all())
         if self.master is not None:
             gathered[self.rank].copy_(self.master)
 
@@ -756,7 +754,6 @@ class ShardedAdamW(Optimizer):
                     else:
                         view.zero_()
                 self.state[p] = b.state_of(i)
-            b.uniform_steps = bool((b.steps == b.steps[0]).all())
 
     # ---- reports ----------------------------------------------------------------------------
 
