@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import logging
 import math
 import os
@@ -381,8 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         x, y = (t.to(device) for t in next(stream))
         step_losses = torch.stack([r.train_step(x, y) for r in runs])
         dist.all_reduce(step_losses)
-        for r, value in zip(runs, (step_losses / world).tolist()):
-            losses[r.name].append(value)
+        for name, value in zip(losses, (step_losses / world).tolist()):
+            losses[name].append(value)
         bar.set_postfix(
             {
                 "loss": f"{losses[sharded.name][-1]:.4f}",
@@ -423,6 +424,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         plot_losses(losses, args.out, world)
         print(f"loss curve: {args.out}")
+    # DDP and the optimizers hold the process group in reference cycles; a gloo group left to
+    # the interpreter's teardown can abort the process at exit, so free them first.
+    del runs, sharded, reference, pairs
+    gc.collect()
     dist.destroy_process_group()
 
 
