@@ -4,6 +4,8 @@
 - ``verify``: trains a small model with DDP + ShardedAdamW and with DDP + torch.optim.AdamW
   from the same weights on the same data, and compares them parameter by parameter.
 - ``report``: trains a small model a few steps and prints ``report(opt)``.
+- ``bench``: the side-by-side benchmark against DDP and the ZeRO-style peers; its arguments
+  go to ``bench.main`` unparsed (``sharded-adamw bench --help`` lists them).
 
 ``verify`` and ``report`` run under torchrun (``torchrun --nproc_per_node K -m
 sharded_adamw.cli verify``) or as one process; they join torchrun's process group, or make
@@ -24,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import bench
 from .estimate import DTYPE_BYTES, format_bytes, markdown_table, render_estimate
 from .optimizer import ShardedAdamW
 
@@ -202,14 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="hybrid sharding over a (replicas, world size / replicas) mesh; must divide "
         "the world size (default: %(default)s)",
     )
+    sub.add_parser(
+        "bench",
+        add_help=False,  # --help reaches bench's own parser
+        help="train the same model with DDP, ZeRO peers and ShardedAdamW side by side",
+        description="See sharded-adamw bench --help.",
+    )
     for sp in sub.choices.values():
         sp.set_defaults(subparser=sp)  # for errors found after parsing
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and cross-check the arguments; errors exit with status 2 naming the argument."""
-    args = build_parser().parse_args(argv)
+    """Parse and cross-check the arguments; errors exit with status 2 naming the argument.
+    ``bench``'s arguments are left unparsed in ``args.bench_argv``."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_argv = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "estimate":
         if args.world_size % args.replicas:
             args.subparser.error(
@@ -424,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                 reduce_dtype=args.reduce_dtype,
             )
         )
+        return 0
+    if args.command == "bench":
+        bench.main(args.bench_argv)
         return 0
     created, device = init_distributed()
     try:

@@ -1,0 +1,264 @@
+"""``sharded-adamw bench``: the side-by-side run under torchrun, the table and its ratios, the
+byte counting rules, and the update-bandwidth mode."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sharded_adamw import bench, cli
+from sharded_adamw.bench import (
+    CONTENDERS,
+    Result,
+    collective_bytes,
+    combine,
+    paired_ratio,
+    ratio_cell,
+    spread,
+    storage_bytes,
+    table,
+)
+
+from . import distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def result(name: str, ms: float, state: int, **kw) -> Result:
+    return Result(name, times=[ms / 1e3] * 3, state_bytes=state, **kw)
+
+
+# ---- the whole run under torchrun ---------------------------------------------------------
+
+
+def test_quick_run_under_torchrun_reports_every_contender_with_ratios_and_writes_the_chart(
+    tmp_path,
+):
+    png = tmp_path / "bench.png"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "sharded_adamw.cli", "bench", "--quick", "--many-small", "--out", str(png)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "world size 2" in out
+    tables = out.split("### ")[1:]
+    assert [t.split(":")[0] for t in tables] == ["tiny", "many-small"]
+    for t in tables:
+        rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in t.splitlines() if ln.startswith("| ")}
+        for name in CONTENDERS:
+            row = rows[name]
+            ran = re.search(r"\(\d+\.\d\dx\)", row)
+            skipped = re.search(r"skipped: \S", row)
+            assert ran or skipped, row
+        assert "(1.00x)" in rows["DDP + AdamW"]
+        assert "skipped" not in rows["ShardedAdamW (standalone)"]
+    assert png.exists() and png.stat().st_size > 0
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+
+def test_ratio_cell_gives_the_ratio_to_the_reference_and_none_without_one():
+    assert ratio_cell(12.3, 24.6) == "12.30 (0.50x)"
+    assert ratio_cell(250.04, 200.0, ".1f") == "250.0 (1.25x)"
+    assert ratio_cell(1.0, None) == "1.00"
+    assert ratio_cell(1.0, 0.0) == "1.00"
+
+
+def test_spread_is_median_and_tenth_and_ninetieth_percentiles_in_ms():
+    times = [t / 1e3 for t in range(1, 12)]  # 1..11 ms
+    assert spread(times) == pytest.approx((6.0, 2.0, 10.0))
+    assert spread([0.005]) == (5.0, 5.0, 5.0)
+
+
+def test_paired_ratio_is_the_median_of_per_step_ratios_to_the_same_batch():
+    assert paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == 2.0
+    # a slow second half hits both: the ratio of medians moves, the paired one does not
+    ref = [1.0, 1.0, 1.0, 3.0, 3.0, 3.0]
+    assert paired_ratio([1.1 * t for t in ref], ref) == pytest.approx(1.1)
+
+
+def test_table_has_a_row_per_contender_ratios_to_the_first_and_skipped_rows_say_why():
+    mib = 2**20
+    rows = [
+        result("DDP + AdamW", 100.0, 8 * mib, comm_bytes=4 * mib, comm_calls=1),
+        result("ShardedAdamW (standalone)", 105.0, 4 * mib, comm_bytes=4 * mib, comm_calls=3),
+        Result("DeepSpeed ZeRO-2", skipped="not installed (deepspeed)"),
+    ]
+    lines = table(rows).splitlines()
+    head, _, ddp, ours, ds = lines
+    width = head.count("|")
+    assert all(line.count("|") == width for line in lines)
+    assert "| DDP + AdamW | 100.0 (1.00x) |" in ddp
+    assert "| 105.0 (1.05x) | 105.0-105.0 | 1.05x |" in ours
+    assert "| 4.00 (0.50x) |" in ours  # state
+    assert "4.00 (1.00x) (3)" in ours  # comm bytes, ratio and calls
+    assert "skipped: not installed (deepspeed)" in ds
+    assert "peak MiB" not in head  # only on GPUs
+
+
+def test_table_without_a_reference_row_prints_values_without_ratios():
+    rows = [Result("DDP + AdamW", skipped="failed: RuntimeError: x"), result("B", 10.0, 2**20)]
+    text = table(rows)
+    assert "10.0 |" in text and "x)" not in text
+
+
+def test_combine_takes_the_slowest_rank_per_step_the_largest_bytes_and_the_mean_loss():
+    a = Result("X", times=[1.0, 3.0], state_bytes=10, comm_bytes=5, comm_calls=2, loss=1.0)
+    b = Result("X", times=[2.0, 2.0], state_bytes=12, comm_bytes=5, comm_calls=2, loss=3.0)
+    c = combine([a, b])
+    assert (c.times, c.state_bytes, c.comm_bytes, c.comm_calls, c.loss) == (
+        [2.0, 3.0],
+        12,
+        5,
+        2,
+        2.0,
+    )
+    assert combine([a, Result("X", skipped="failed: boom")]).skipped == "failed: boom"
+
+
+def test_chart_is_written_with_one_bar_group_per_size(tmp_path):
+    rows = [result("DDP + AdamW", 100.0, 8), result("S", 90.0, 4), Result("D", skipped="x")]
+    path = tmp_path / "sub" / "bench.png"
+    bench.plot({"small": rows, "medium": rows}, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- counting ----------------------------------------------------------------------------------
+
+
+def test_collective_bytes_follow_the_library_rule():
+    x = torch.zeros(10)  # 40 bytes
+    pair = [torch.zeros(10), torch.zeros(10)]
+    assert collective_bytes("allreduce_", ([x],)) == 80  # twice: reduce-scatter + all-gather
+    assert collective_bytes("_reduce_scatter_base_", (torch.zeros(5), x)) == 40  # input
+    assert collective_bytes("reduce_scatter_", ([torch.zeros(5)], [pair])) == 80
+    assert collective_bytes("_allgather_base_", (x, torch.zeros(5))) == 40  # output
+    assert collective_bytes("allgather_", ([pair], [torch.zeros(10)])) == 80
+    assert collective_bytes("broadcast_", ([x],)) == 40
+    assert collective_bytes("barrier", (torch.zeros(1),)) is None
+
+
+def test_storage_bytes_count_each_storage_once_and_skip_those_already_counted():
+    flat = torch.zeros(100)
+    views = [flat[:10], flat[10:], flat.view(10, 10)]
+    seen: set[int] = set()
+    assert storage_bytes(views + [None], seen) == 400
+    assert storage_bytes([flat, torch.zeros(3)], seen) == 12
+
+
+def test_tensors_in_walks_containers_and_dataclasses():
+    inner = Result("x")  # a dataclass without tensors
+    t = torch.zeros(2)
+    assert bench.tensors_in({"a": [t, (t,)], "b": inner, "c": 3}) == [t, t]
+
+
+def _missing(model: nn.Module, device: torch.device) -> bench.Trainer:
+    import a_peer_that_is_not_installed  # noqa: F401
+
+
+def _fails_on_rank_1(model: nn.Module, device: torch.device) -> bench.Trainer:
+    """Starts on rank 0 (without collectives, which rank 1 would never join) only."""
+    if torch.distributed.get_rank() == 1:
+        raise RuntimeError("no room\nsecond line")
+    opt = torch.optim.AdamW(model.parameters())
+    return bench.Trainer(model, lambda loss: loss.backward(), opt.step, lambda: {}, opt)
+
+
+def _on_two_ranks(rank: int, world: int) -> dict:
+    """One counted step of DDP and of standalone ShardedAdamW on the tiny model, and two
+    peers that cannot start."""
+    torch.manual_seed(0)
+    base = bench.SIZES["tiny"].build(8)
+    x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank))
+    out = {"params": sum(p.numel() for p in base.parameters())}
+    for name in ("DDP + AdamW", "ShardedAdamW (standalone)"):
+        trainer = CONTENDERS[name](copy.deepcopy(base), torch.device("cpu"))
+        for _ in range(2):  # DDP rebuilds its buckets after the first step
+            trainer.backward(trainer.net(x).sum())
+            trainer.step()
+        counter = bench.CommCounter()
+        with counter:
+            trainer.backward(trainer.net(x).sum())
+            trainer.step()
+        out[name] = counter.bytes
+        if name.startswith("Sharded"):
+            stats = trainer.optimizer.comm_stats()
+            out["own"] = sum(v for k, v in stats.items() if k.endswith("_bytes"))
+    for make in (_missing, _fails_on_rank_1):
+        runner = bench.Runner(make.__name__, make, base, torch.device("cpu"))
+        runner.step(x[:, :-1], x[:, 1:], measure=True)  # a skipped contender does nothing
+        out[make.__name__] = (runner.res.skipped, runner.res.times)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return distributed.run(_on_two_ranks, 2)
+
+
+def test_comm_counter_sees_ddp_reducer_all_reduce_and_agrees_with_comm_stats(two_ranks):
+    for out in two_ranks:
+        assert out["DDP + AdamW"] == 2 * 4 * out["params"]
+        assert out["ShardedAdamW (standalone)"] == out["own"]
+
+
+def test_a_peer_that_cannot_start_is_skipped_with_its_reason_on_every_rank(two_ranks):
+    for out in two_ranks:
+        assert out["_missing"] == ("not installed (a_peer_that_is_not_installed)", [])
+        assert out["_fails_on_rank_1"] == ("failed: RuntimeError: no room", [])
+
+
+# ---- update bandwidth and arguments ------------------------------------------------------------
+
+
+def test_update_bandwidth_runs_on_cpu_and_reports_gb_per_s_and_fraction_of_peak():
+    text = bench.update_bandwidth(2**16, torch.device("cpu"), repeats=3, peak_gbps=100.0)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "elements" not in ln]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "65,536" and float(cells[2]) > 0 and float(cells[3]) >= 0
+        assert cells[4].endswith("%")
+
+
+def test_update_bandwidth_mode_from_the_command_line(capsys):
+    bench.main(["--gpu-update-bandwidth", "--numel", "4096", "--quick"])
+    assert "GB/s at 28 B/element" in capsys.readouterr().out
+
+
+def test_bench_arguments_quick_sizes_and_only():
+    args = bench.parse_args(["--quick"])
+    assert args.size_names == ["tiny"] and args.steps == 3
+    args = bench.parse_args(
+        ["--sizes", "small,medium,large", "--only", "FSDP2 (no reshard after fwd)"]
+    )
+    assert args.size_names == ["small", "medium", "large"]
+    assert args.contenders == ["DDP + AdamW", "FSDP2 (no reshard after fwd)"]
+    for bad in (["--sizes", "huge"], ["--only", "nope"], ["--warmup", "-1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+def test_cli_forwards_bench_arguments_unparsed_and_still_rejects_unknown_ones_elsewhere():
+    args = cli.parse_args(["bench", "--quick", "--out", "x.png"])
+    assert args.command == "bench" and args.bench_argv == ["--quick", "--out", "x.png"]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["report", "--quick"])
+
+
+def test_many_small_model_gives_every_small_tensor_a_gradient():
+    model = bench.MANY_SMALL.build(8)
+    x = torch.randint(0, bench.MANY_SMALL.vocab, (2, 8))
+    nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    vecs = list(model.vecs)
+    assert len(vecs) == 2000 and all(p.numel() == 64 for p in vecs)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vecs)
