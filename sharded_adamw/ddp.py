@@ -28,7 +28,7 @@ class _HookState:
         self.routes: dict = {}
 
     def route(self, params: list[torch.Tensor]) -> tuple:
-        key = (len(params), id(params[0]), id(params[-1]))
+        key = tuple(id(p) for p in params)  # DDP rebuilds its buckets after iteration 1
         if key not in self.routes:
             dst, chunks, touched = [], [], []
             for p in params:
@@ -79,7 +79,9 @@ def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
     names = {p: n for n, p in model.module.named_parameters()}
     ignored = getattr(model, "parameters_to_ignore", set())
     trainable = [
-        p for n, p in model.module.named_parameters() if p.requires_grad and n not in ignored
+        p
+        for n, p in model.module.named_parameters()
+        if p.requires_grad and n not in ignored and p.numel() > 0
     ]
     for p in trainable:
         if p not in opt._slot:

@@ -34,9 +34,13 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def _flat(p: torch.Tensor) -> torch.Tensor:
-    """``p``'s elements as a 1-D view (a non-contiguous parameter is made contiguous once)."""
+    """``p``'s elements as a 1-D view of its storage, in logical order."""
     if not p.is_contiguous():
-        p.data = p.data.contiguous()
+        raise RuntimeError(
+            f"ShardedAdamW needs contiguous parameters; a parameter of shape {tuple(p.shape)} "
+            f"has strides {p.stride()} (transposed or channels_last); make it contiguous "
+            "before building the optimizer"
+        )
     return p.data.view(-1)
 
 
@@ -342,6 +346,7 @@ class ShardedAdamW(Optimizer):
         self._pool = GatherPool(gather_buffers)
         self._slot: dict[torch.nn.Parameter, tuple[ShardBucket, int]] = {}
         self._names: dict[torch.nn.Parameter, str] = {}
+        self._frozen: list[torch.nn.Parameter] = []  # no state: frozen when the group was added
         self._hooks: list = []
         self._pending: list[Handle] = []
         self._ddp = None
@@ -404,10 +409,16 @@ class ShardedAdamW(Optimizer):
                 raise ValueError(f"ShardedAdamW needs floating-point parameters: {label}")
             if p.layout != torch.strided:
                 raise ValueError(f"ShardedAdamW needs dense (strided) parameters: {label}")
+            if not p.is_contiguous():
+                raise ValueError(
+                    f"ShardedAdamW needs contiguous parameters (not transposed or "
+                    f"channels_last): {label} has strides {p.stride()}"
+                )
             if name is not None:
                 self._names[p] = name
         self._check_same_on_every_rank(gi, params, names)
-        trainable = [p for p in params if p.requires_grad]
+        trainable = [p for p in params if p.requires_grad and p.numel() > 0]
+        self._frozen += [p for p in params if not p.requires_grad]
         comm = self._comm
         rdtype = lambda p: (
             self._reduce_dtype
@@ -533,7 +544,7 @@ class ShardedAdamW(Optimizer):
                             "no_sync()?); parameter: " + self._name(b.params[0])
                         )
                     out.append([False] * len(b.params))
-                elif self._ddp.find_unused_parameters:
+                elif self._ddp.find_unused_parameters or self._ddp.static_graph:
                     out.append([p.grad is not None for p in b.params])
                 else:
                     out.append([True] * len(b.params))
@@ -620,6 +631,13 @@ class ShardedAdamW(Optimizer):
                 loss = closure()
         if not self._buckets:
             return loss
+        for p in self._frozen:
+            if p.grad is not None:
+                raise RuntimeError(
+                    f"ShardedAdamW: {self._name(p)} was frozen (requires_grad=False) when the "
+                    "optimizer was built and now has a gradient; build the optimizer after "
+                    "unfreezing, or add it with add_param_group"
+                )
         self._finish_reduction()
         present = self._presence()
         scaler_found = getattr(self, "found_inf", None)  # set by GradScaler.step
@@ -669,6 +687,9 @@ class ShardedAdamW(Optimizer):
         self._last_stats = self._comm.reset_stats()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        for handle in self._pending:  # reductions in flight belong to the discarded batch
+            handle.wait()
+        self._pending.clear()
         super().zero_grad(set_to_none=set_to_none)
         for bucket in self._buckets:
             bucket.has_grad = False
@@ -810,6 +831,10 @@ def _check_hyperparams(group: dict, gi: int) -> None:
     where = f" (param group {gi})" if gi else ""
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element{where}")
+    if isinstance(lr, torch.Tensor) and group["foreach"]:
+        raise ValueError(
+            f"lr as a Tensor is not supported for capturable=False and foreach=True{where}"
+        )
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}{where}")
     if not 0.0 <= eps:
