@@ -15,6 +15,7 @@ a one-process group, with NCCL when CUDA is available and gloo otherwise. Only r
 from __future__ import annotations
 
 import argparse
+import gc
 import copy
 import os
 import sys
@@ -465,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         return status
     finally:
         if created:
+            # DDP and the optimizers hold the group in reference cycles: free them (and wait
+            # for every rank) before destroying it, or gloo can abort the process at exit
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
 
 
