@@ -15,8 +15,8 @@ a one-process group, with NCCL when CUDA is available and gloo otherwise. Only r
 from __future__ import annotations
 
 import argparse
-import gc
 import copy
+import gc
 import os
 import sys
 from collections.abc import Callable
