@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .optimizer import ShardedAdamW
+from .peak import PeakMemory
 from .update import adamw_update
 
 LR = 3e-4
@@ -381,6 +382,20 @@ def sharded_attached(model: nn.Module, device: torch.device) -> Trainer:
     )
 
 
+def sharded_attached_view(model: nn.Module, device: torch.device) -> Trainer:
+    """ShardedAdamW attached to a DDP built with ``gradient_as_bucket_view=True``."""
+    net = DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+    )
+    opt = ShardedAdamW(weight_decay_groups(model), lr=LR, foreach=True)
+    opt.attach(net)
+    return Trainer(
+        net, lambda loss: loss.backward(), _torch_steps(opt), _sharded_held(model, opt), opt
+    )
+
+
 def sharded_standalone(model: nn.Module, device: torch.device) -> Trainer:
     """ShardedAdamW on its own: gradient hooks reduce-scatter during backward (ZeRO-2)."""
     opt = ShardedAdamW(weight_decay_groups(model), lr=LR, foreach=True)
@@ -402,6 +417,7 @@ CONTENDERS: dict[str, Callable[[nn.Module, torch.device], Trainer]] = {
     "DeepSpeed ZeRO-2": deepspeed_zero(2),
     "FSDP2 (no reshard after fwd)": fsdp2,
     "ShardedAdamW (attach)": sharded_attached,
+    "ShardedAdamW (attach, bucket view)": sharded_attached_view,
     "ShardedAdamW (standalone)": sharded_standalone,
     "ShardedAdamW bf16 (standalone)": sharded_bf16,
 }
@@ -556,6 +572,87 @@ def run_all(
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, results)
     return [combine(list(rs)) for rs in zip(*every)]
+
+
+# ---- peak memory ---------------------------------------------------------------------------
+
+PEAK_ROWS = [  # (contender, parameter dtype) rows of the peak-memory table
+    ("DDP + AdamW", torch.float32),
+    ("DDP + ZeroRedundancyOptimizer", torch.float32),
+    ("DeepSpeed ZeRO-2", torch.float32),
+    ("ShardedAdamW (attach)", torch.float32),
+    ("ShardedAdamW (attach, bucket view)", torch.float32),
+    ("ShardedAdamW (standalone)", torch.float32),
+    ("ShardedAdamW (attach)", torch.bfloat16),
+    ("ShardedAdamW (attach, bucket view)", torch.bfloat16),
+    ("ShardedAdamW (standalone)", torch.bfloat16),
+]
+
+
+def mlp(width: int = 2048, layers: int = 12) -> nn.Module:
+    """The peak-memory model: ``layers`` square ``Linear`` layers (50.4M parameters at the
+    defaults), so that optimizer and gradient memory dwarf activations."""
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+
+
+def measure_peak(
+    name: str, dtype: torch.dtype, base: nn.Module, batches: list, device: torch.device
+) -> float | str:
+    """Peak bytes per parameter (the largest rank's) above the bare model while contender
+    ``name`` trains on ``batches`` (loss: mean square of the output), or the reason it was
+    skipped. What the contender's construction leaves allocated counts; its construction-time
+    transients (DDP's initial broadcast, DeepSpeed's flattening) do not. Collective: every
+    rank runs it with the same arguments."""
+    model = copy.deepcopy(base).to(device=device, dtype=dtype)
+    count = sum(p.numel() for p in model.parameters())
+    meter = PeakMemory(device)
+    gc.collect()
+    dist.barrier()
+    meter.reset()
+    error, trainer = None, None
+    try:
+        trainer = CONTENDERS[name](model, device)
+        gc.collect()
+        meter.reset_peak()
+        for x in batches:
+            trainer.backward(trainer.net(x.to(dtype)).float().square().mean())
+            trainer.step()
+    except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+        error = _reason(e)
+    peak = meter.peak()
+    del trainer, model
+    gc.collect()
+    error = _agree(error)
+    if error:
+        return error
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, peak)
+    return max(every) / count
+
+
+def peak_table(
+    width: int, layers: int, batch: int, steps: int, device: torch.device
+) -> list[tuple[str, str, float | str]]:
+    """``(contender, dtype, bytes per parameter or skip reason)`` for every ``PEAK_ROWS`` row,
+    each contender alone, on ``mlp(width, layers)`` with ``steps`` batches of ``batch`` rows."""
+    base = mlp(width, layers)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    batches = [torch.randn(batch, width, generator=g).to(device) for _ in range(steps)]
+    return [
+        (name, str(dtype).removeprefix("torch."), measure_peak(name, dtype, base, batches, device))
+        for name, dtype in PEAK_ROWS
+    ]
+
+
+def peak_markdown(rows: list[tuple[str, str, float | str]], method: str) -> str:
+    """The peak table as markdown, ratios to the first row, and how it was measured."""
+    ref = rows[0][2] if isinstance(rows[0][2], float) else None
+    lines = ["| setup | params | peak bytes / parameter |", "|---|---|---:|"]
+    for name, dtype, value in rows:
+        cell = ratio_cell(value, ref, ".1f") if isinstance(value, float) else f"skipped: {value}"
+        lines.append(f"| {name} | {dtype} | {cell} |")
+    return "\n".join(lines) + f"\n\nPeak above the bare model, largest rank; {method}."
 
 
 # ---- output ----------------------------------------------------------------------------------
@@ -808,6 +905,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny models and 3 steps (for tests and CI)"
     )
     p.add_argument(
+        "--peak-memory",
+        action="store_true",
+        help="instead of the timed run, measure each contender's peak memory alone on a "
+        "12 x Linear(2048, 2048) model (50.4M parameters) over 3 steps, fp32 and bf16 "
+        "(on CPU, start with MALLOC_MMAP_THRESHOLD_=131072)",
+    )
+    p.add_argument(
         "--gpu-update-bandwidth",
         action="store_true",
         help="instead of the side-by-side run, time ShardedAdamW's local AdamW update at "
@@ -907,6 +1011,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[Result]]:
         return {}
     device = _init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.peak_memory:
+        width, layers = (256, 4) if args.quick else (2048, 12)
+        rows = peak_table(width, layers, args.batch_size, 3, device)
+        if rank == 0:
+            print(f"\nsharded-adamw bench --peak-memory: world size {world}, "
+                  f"{_environment(device)}\n")  # fmt: skip
+            print(peak_markdown(rows, PeakMemory(device).method))
+        return {}
     sizes = {name: SIZES[name] for name in args.size_names}
     if args.many_small:
         sizes["many-small"] = MANY_SMALL_QUICK if args.quick else MANY_SMALL

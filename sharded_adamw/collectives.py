@@ -116,45 +116,78 @@ class Comm:
 
     # ---- the data path -------------------------------------------------------------------
 
+    @property
+    def in_place(self) -> bool:
+        """Whether gradients are averaged by an in-place all-reduce of the whole buffer.
+
+        gloo runs a reduce-scatter as a clone of its whole input plus an all-reduce, and a
+        shard of the all-reduce has the same bits as the reduce-scatter's; all-reducing the
+        buffer in place therefore gives the same result without the clone. NCCL has a real
+        reduce-scatter, which moves half the bytes."""
+        return self.backend == "gloo"
+
     def reduce_scatter_grads(
         self,
         grads: Sequence[torch.Tensor],
-        out: torch.Tensor,
-        reduce_dtype: torch.dtype,
+        staging: torch.Tensor,
+        into: torch.Tensor,
+        accumulate: bool,
         async_op: bool,
     ) -> Handle:
-        """Average ``grads`` over all data-parallel ranks; ``out`` receives this rank's chunks.
+        """Average ``grads`` over all data-parallel ranks into this rank's shard ``into``
+        (added to it when ``accumulate``); ``wait()`` on the handle delivers.
 
         Copy-in: each gradient is flattened, cut into ``world_size`` chunks (zero padded), and
-        the chunks are laid out rank-major in one buffer of ``reduce_dtype``; every element is
+        the chunks are laid out rank-major in ``staging`` (``world_size x shard``, the reduce
+        dtype, owned by the caller, who must not reuse it before ``wait()``). Every element is
         multiplied by ``1 / dp_size`` before the sum, exactly as DDP's reducer does, so that
-        the averaged gradient has DDP's bits. ``out`` must be ``reduce_dtype`` and hold the
-        bucket's shard; across a replicate group the shard is then all-reduced.
+        the averaged gradient has DDP's bits: on NCCL inside the collective (``premul_sum``),
+        elsewhere by one pass over ``staging``. Across a replicate group the shard is then
+        all-reduced.
         """
         flat = [g.reshape(-1) for g in grads]
-        width = sum(-(-g.numel() // self.world_size) for g in flat)
-        buf = torch.empty((self.world_size, width), dtype=reduce_dtype, device=out.device)
-        torch._chunk_cat(flat, 0, self.world_size, out=buf)
-        if self.dp_size > 1:
-            buf.mul_(1.0 / self.dp_size)
-        self._count("reduce_scatter", buf)
+        torch._chunk_cat(flat, 0, self.world_size, out=staging)
+        self._count("reduce_scatter", staging)
         if not self.distributed:
-            out.copy_(buf.view(-1))
-            return self._then_replicate(None, out)
-        work = dist.reduce_scatter_single(
-            out, buf.view(-1), group=self.shard_group, async_op=async_op
-        )
-        return self._then_replicate(work, out)
+            return Handle(None, lambda: _deliver(staging[0], into, accumulate))
+        if self.in_place:
+            self._scale(staging)
+            work = dist.all_reduce(staging, group=self.shard_group, async_op=async_op)
+            result = staging[self.rank]
+        else:
+            direct = not accumulate and into.dtype == staging.dtype
+            result = into if direct else staging.new_empty(staging.shape[1])
+            work = _reduce_scatter(
+                result, staging.view(-1), self._average_op(staging), self.shard_group, async_op
+            )
+        return Handle(work, lambda: self._finish_average(result, into, accumulate))
 
-    def _then_replicate(self, work, out: torch.Tensor) -> Handle:
-        if self.replicate_group is None:
-            return Handle(work)
+    def average_in_place(self, buffer: torch.Tensor, async_op: bool) -> Handle:
+        """Average ``buffer`` over the shard group in place (an all-reduce; for DDP's own bucket
+        buffers on gloo, see ``in_place``), scaled before the sum as DDP's reducer does."""
+        self._count("reduce_scatter", buffer)
+        if not self.distributed:
+            return Handle(None)
+        self._scale(buffer)
+        return Handle(dist.all_reduce(buffer, group=self.shard_group, async_op=async_op))
 
-        def across_replicas() -> None:
-            self._count("all_reduce", out)
-            dist.all_reduce(out, group=self.replicate_group)
+    def _scale(self, t: torch.Tensor) -> None:
+        if self.dp_size > 1:
+            t.mul_(1.0 / self.dp_size)
 
-        return Handle(work, across_replicas)
+    def _average_op(self, staging: torch.Tensor):
+        """The reduce op that averages: NCCL folds the ``1 / dp_size`` factor into the sum;
+        other backends get a scaling pass over ``staging`` first, then a sum."""
+        if self.backend == "nccl" and self.dp_size > 1 and hasattr(dist, "_make_nccl_premul_sum"):
+            return dist._make_nccl_premul_sum(1.0 / self.dp_size)
+        self._scale(staging)
+        return dist.ReduceOp.SUM
+
+    def _finish_average(self, result: torch.Tensor, into: torch.Tensor, accumulate: bool) -> None:
+        if self.replicate_group is not None:
+            self._count("all_reduce", result)
+            dist.all_reduce(result, group=self.replicate_group)
+        _deliver(result, into, accumulate)
 
     def all_gather_params(
         self, gathered: torch.Tensor, copy_out: Callable[[], None], async_op: bool
@@ -217,6 +250,22 @@ class Comm:
         """Return the counters so far and start new ones."""
         stats, self.stats = self.stats, CommStats()
         return stats
+
+
+def _deliver(result: torch.Tensor, into: torch.Tensor, accumulate: bool) -> None:
+    """Write an averaged shard into its destination (nothing to do when it already is it)."""
+    if result is into:
+        return
+    if accumulate:
+        into.add_(result)
+    else:
+        into.copy_(result)
+
+
+def _reduce_scatter(out, inp, op, group, async_op):
+    """``reduce_scatter_single`` (torch >= 2.13's name) or ``reduce_scatter_tensor``."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, inp, op=op, group=group, async_op=async_op)
 
 
 def completed_future(value: torch.Tensor) -> torch.futures.Future:

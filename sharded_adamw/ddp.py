@@ -15,56 +15,107 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 
-from .collectives import completed_future
+from .collectives import Handle, completed_future
 from .optimizer import ShardedAdamW
 
 
 class _HookState:
-    """The optimizer, and the routes from each DDP bucket to the optimizer's gradient shards
-    (rebuilt when DDP rebuilds its buckets)."""
+    """The optimizer, the routes from each DDP bucket to the optimizer's gradient shards
+    (rebuilt when DDP rebuilds its buckets), and the one reduction this hook keeps pending."""
 
     def __init__(self, opt: ShardedAdamW):
         self.opt = opt
         self.routes: dict = {}
+        self.last: Handle | None = None
 
-    def route(self, params: list[torch.Tensor]) -> tuple:
-        key = tuple(id(p) for p in params)  # DDP rebuilds its buckets after iteration 1
-        if key not in self.routes:
-            dst, chunks, touched = [], [], []
-            for p in params:
-                bucket, i = self.opt._slot[p]
-                dst.append(bucket.views(bucket.grad, i, owned_only=False))
-                chunks.append(bucket.layout.slots[i].chunk)
-                if bucket not in touched:
-                    touched.append(bucket)
-            self.routes[key] = (dst, chunks, touched, touched[0].reduce_dtype)
-        return self.routes[key]
+    def route(self, bucket: dist.GradBucket) -> tuple:
+        """For a DDP bucket: its parameters, the (bucket, slot) of each in the optimizer, the
+        destinations (whole chunks, for a reduce-scatter's output) and the owned views of
+        DDP's buffer and of the shards (for an in-place average), and the reduce dtype."""
+        params = bucket.parameters()
+        key = (tuple(id(p) for p in params), bucket.buffer().data_ptr())
+        cached = self.routes.get(bucket.index())
+        if cached is None or cached[0] != key:  # DDP rebuilds its buckets after iteration 1;
+            # replacing the route drops its views of the old buffer, so DDP can free it
+            slots = [self.opt._slot[p] for p in params]
+            chunks = [b.views(b.grad, i, owned_only=False) for b, i in slots]
+            owned, owned_dst, owned_src = [], [], []
+            for j, ((b, i), g) in enumerate(zip(slots, bucket.gradients())):
+                s = b.layout.slots[i]
+                if s.owned:
+                    owned.append(j)
+                    owned_dst.append(b.views(b.grad, i))
+                    owned_src.append(g.reshape(-1)[s.start : s.end])
+            reduce_dtype = slots[0][0].reduce_dtype
+            route = (params, slots, chunks, (owned, owned_dst, owned_src), reduce_dtype)
+            self.routes[bucket.index()] = cached = (key, route)
+        return cached[1]
 
 
 def _reduce_scatter_hook(
     state: _HookState, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
-    """Launch the bucket's reduce-scatter and hand DDP its buffer back at once.
+    """Launch the bucket's reduction into the optimizer's shards, release the parameters'
+    gradients, and hand DDP its buffer back at once.
 
-    DDP needs nothing from the reduction (the shards live in the optimizer), so the returned
-    future is already complete and backward never waits for communication, on gloo (whose
-    reduce-scatter has no future) as on NCCL. ``step()`` waits for the work and copies each
-    parameter's chunk into the optimizer's gradient shards.
+    DDP needs nothing from the reduction (the shards live in the optimizer, and ``attach``
+    tells DDP's reducer not to copy its buffer back into ``p.grad``), so the returned future
+    is already complete and backward never waits for communication, on gloo (whose
+    reduce-scatter has no future) as on NCCL. ``step()`` waits for the work.
+
+    Two ways, same bits: on gloo, DDP's own buffer is averaged in place by an all-reduce (no
+    copy-in at all; gloo's reduce-scatter would all-reduce a clone of it anyway) and each
+    parameter's owned range is copied out of it; elsewhere (NCCL), the gradients are copied
+    into a chunked staging buffer and reduce-scattered, keeping one such buffer pending.
+    ``p.grad`` (the local, unreduced gradient DDP copied into its bucket) is set to None:
+    nothing should read it, and its memory is the full model's gradients.
     """
-    dst, chunks, touched, reduce_dtype = state.route(bucket.parameters())
+    params, slots, chunks, (owned, owned_dst, owned_src), reduce_dtype = state.route(bucket)
     opt = state.opt
+    comm = opt._comm
     buffer = bucket.buffer()
-    out = torch.empty(sum(chunks), dtype=reduce_dtype, device=buffer.device)
+    accumulate = [b.reduced[i] for b, i in slots]  # a second synced backward before step()
+    for (b, i), p in zip(slots, params):
+        b.reduced[i] = b.has_grad = True
+        if p.grad is not None:
+            b.present[i] = True
+    in_place = comm.in_place and comm.replicate_group is None and buffer.dtype == reduce_dtype
     with record_function("sharded_adamw.reduce_scatter"):
-        handle = opt._comm.reduce_scatter_grads(bucket.gradients(), out, reduce_dtype, True)
+        if in_place:
+            handle = comm.average_in_place(buffer, async_op=True)
+        else:
+            if state.last is not None:  # FSDP2's rule: one pending staging buffer at most
+                state.last.wait()
+            width = sum(c.numel() for c in chunks)
+            staging = torch.empty(
+                (comm.world_size, width), dtype=reduce_dtype, device=buffer.device
+            )
+            out = torch.empty(width, dtype=reduce_dtype, device=buffer.device)
+            handle = comm.reduce_scatter_grads(bucket.gradients(), staging, out, False, True)
 
     def to_shards() -> None:
-        torch._foreach_copy_(dst, list(out.split(chunks)))
-        for b in touched:
-            b.has_grad = True
+        if in_place:
+            _copy_or_add(owned_dst, owned_src, [accumulate[j] for j in owned])
+        else:
+            _copy_or_add(chunks, list(out.split([c.numel() for c in chunks])), accumulate)
 
-    opt._pending.append(handle.and_then(to_shards))
+    for p in params:
+        p.grad = None
+    state.last = handle.and_then(to_shards)
+    opt._pending.append(state.last)
     return completed_future(buffer)
+
+
+def _copy_or_add(dst: list[torch.Tensor], src: list[torch.Tensor], add: list[bool]) -> None:
+    """``dst[k] += src[k]`` where ``add[k]``, else ``dst[k] = src[k]`` (one kernel each)."""
+    if not any(add):
+        torch._foreach_copy_(dst, src)
+    elif all(add):
+        torch._foreach_add_(dst, src)
+    else:
+        pick = lambda want: [[t for t, a in zip(ts, add) if a == want] for ts in (dst, src)]  # noqa: E731
+        torch._foreach_copy_(*pick(False))
+        torch._foreach_add_(*pick(True))
 
 
 def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
@@ -109,4 +160,11 @@ def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
         h.remove()
     opt._hooks.clear()
     model.register_comm_hook(_HookState(opt), _reduce_scatter_hook)
+    # DDP's reducer then leaves p.grad alone at the end of backward instead of copying its
+    # bucket back into it (the optimizer-in-backward mode): the hook has released p.grad,
+    # and only the optimizer's shards hold the averaged gradient.
+    model.reducer._set_optimizer_in_backward()
+    # On gloo the hook averages DDP's buffer in place: the next forward (a second synced
+    # backward before step()) must not refill it while that reduction is still running.
+    opt._hooks.append(model.register_forward_pre_hook(lambda *_: opt._wait_pending()))
     opt._ddp = model

@@ -84,7 +84,8 @@ class ShardBucket:
         low = self.param_dtype in LOW_PRECISION and master_weights
         self.update_dtype = torch.float32 if low else self.param_dtype
         self.reduce_dtype = reduce_dtype or self.update_dtype
-        self.gathered: torch.Tensor | None = None  # bound to a GatherPool slot before use
+        self.gathered: torch.Tensor | None = None  # views of a BufferPool slot, bound before use
+        self.staging: torch.Tensor | None = None
         self.slot: tuple = ()
         numel = layout.shard_numel
         self.master = torch.cat(self._owned_rows()).to(torch.float32) if low else None
@@ -97,6 +98,7 @@ class ShardBucket:
         step_device = self.device if group["fused"] else torch.device("cpu")
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=step_device)
         self.present = [False] * len(params)
+        self.reduced = [False] * len(params)  # attached: a reduction reached this slot
         self.ready = 0  # gradients that arrived in the current backward
 
     def _owned_rows(self) -> list[torch.Tensor]:
@@ -109,10 +111,19 @@ class ShardBucket:
                 rows.append(torch.zeros(slot.chunk - slot.owned, dtype=p.dtype, device=p.device))
         return rows
 
+    def slot_bytes(self, staging: bool) -> int:
+        """Bytes of pool slot this bucket needs: its all-gather output in the parameter dtype
+        and, when ``staging``, its reduce-scatter input in the reduce dtype (the two are never
+        in use at once, so they share the slot)."""
+        item = self.param_dtype.itemsize
+        if staging:
+            item = max(item, self.reduce_dtype.itemsize)
+        return self.layout.padded_numel * item
+
     def bind(self, buffer: torch.Tensor) -> None:
-        """Use ``buffer`` (at least ``padded_numel`` elements) for this bucket's all-gather
-        and precompute every copy-in and copy-out view, so a step makes no per-parameter
-        views."""
+        """Use the byte buffer ``buffer`` for this bucket's all-gather (and its reduce-scatter
+        input, if the buffer is large enough) and precompute every copy-in and copy-out view,
+        so a step makes no per-parameter views."""
         for p in self.params:
             if p.dtype != self.param_dtype or p.device != self.device:
                 raise RuntimeError(
@@ -121,7 +132,14 @@ class ShardBucket:
                     "optimizer was built; move or cast the model before constructing it"
                 )
         W, C = self.layout.world_size, self.layout.shard_numel
-        self.gathered = buffer[: W * C].view(W, C)
+        n = W * C
+        self.gathered = buffer[: n * self.param_dtype.itemsize].view(self.param_dtype).view(W, C)
+        staging = n * self.reduce_dtype.itemsize
+        self.staging = (
+            buffer[:staging].view(self.reduce_dtype).view(W, C)
+            if buffer.numel() >= staging
+            else None
+        )
         self.rows = self._owned_rows()
         pairs = [
             pair
@@ -186,17 +204,12 @@ class ShardBucket:
         return grads
 
     def reduce_scatter(self, comm: Comm, grads: list[torch.Tensor], async_op: bool) -> Handle:
-        """Average ``grads`` into this rank's gradient shard, adding to what it already holds
-        since the last ``zero_grad`` (so no micro-batch is lost)."""
-        accumulate = self.has_grad
-        direct = not accumulate and self.reduce_dtype == self.update_dtype
-        out = self.grad if direct else torch.empty_like(self.grad, dtype=self.reduce_dtype)
-        self.has_grad = True
+        """Average ``grads`` into this rank's gradient shard through this bucket's staging
+        view of its pool slot, adding to what the shard already holds since the last
+        ``zero_grad`` (so no micro-batch is lost)."""
+        accumulate, self.has_grad = self.has_grad, True
         with record_function("sharded_adamw.reduce_scatter"):
-            handle = comm.reduce_scatter_grads(grads, out, self.reduce_dtype, async_op)
-        if direct:
-            return handle
-        return handle.and_then(lambda: self.grad.add_(out) if accumulate else self.grad.copy_(out))
+            return comm.reduce_scatter_grads(grads, self.staging, self.grad, accumulate, async_op)
 
     def update(self, present: list[bool]) -> None:
         """Run AdamW on the owned shard and leave the result, in the parameter dtype, in
@@ -249,39 +262,58 @@ class ShardBucket:
         return state
 
 
-class GatherPool:
-    """A few reusable all-gather buffers per (dtype, device), shared by the buckets in turn.
+class BufferPool:
+    """A few reusable full-bucket byte buffers per device, shared in turn by the buckets.
 
-    Bucket ``i`` of a (dtype, device) uses slot ``i % size``; ``step()`` waits for a slot's
-    previous all-gather (and its copy-out) before reusing it, so at most ``size`` buckets'
-    worth of gathered parameters exist at once. Views into the slots are made once, at bind.
+    Bucket ``i`` of a device uses slot ``i % size``, for its reduce-scatter input during
+    backward (standalone) and for its all-gather output in ``step()``. Before a bucket uses a
+    slot, ``acquire`` waits for the collective that used it last (and runs its copy-out or
+    delivery), so at most ``size`` buckets' worth of communication buffers exist at any time,
+    backward and step together: the buffers live exactly as long as their collective needs
+    them. Views into the slots are made once, at bind.
     """
 
     def __init__(self, size: int):
         self.size = size
-        self.buffers: dict[tuple, list[torch.Tensor]] = {}
+        self.buffers: dict[torch.device, list[torch.Tensor]] = {}
+        self._users: dict[tuple, Handle] = {}  # slot -> the collective using it
 
-    def bind(self, buckets: list[ShardBucket]) -> None:
-        """(Re)bind buckets whose views are stale; reallocate if a bucket outgrew its slot."""
-        if all(b.bound() for b in buckets):
+    def bind(self, buckets: list[ShardBucket], staging: bool) -> None:
+        """(Re)bind buckets whose views are stale; reallocate if a bucket outgrew its slot.
+        ``staging``: slots also hold the reduce-scatter inputs (standalone mode)."""
+        if all(b.bound() and (b.staging is not None or not staging) for b in buckets):
             return
-        need: dict[tuple, int] = {}
+        self.drain()
+        need: dict[torch.device, int] = {}
         for b in buckets:
-            key = (b.param_dtype, b.device)
-            need[key] = max(need.get(key, 0), b.layout.padded_numel)
-        for key, numel in need.items():
-            have = self.buffers.get(key)
-            if have is None or have[0].numel() < numel:
-                dtype, device = key
-                self.buffers[key] = [
-                    torch.empty(numel, dtype=dtype, device=device) for _ in range(self.size)
+            need[b.device] = max(need.get(b.device, 0), b.slot_bytes(staging))
+        for device, nbytes in need.items():
+            have = self.buffers.get(device)
+            if have is None or have[0].numel() < nbytes:
+                self.buffers[device] = [
+                    torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(self.size)
                 ]
-        counts: dict[tuple, int] = {}
+        counts: dict[torch.device, int] = {}
         for b in buckets:
-            key = (b.param_dtype, b.device)
-            i = counts[key] = counts.get(key, -1) + 1
-            b.slot = (key, i % self.size)
-            b.bind(self.buffers[key][i % self.size])
+            i = counts[b.device] = counts.get(b.device, -1) + 1
+            b.slot = (b.device, i % self.size)
+            b.bind(self.buffers[b.device][i % self.size])
+
+    def acquire(self, bucket: ShardBucket) -> None:
+        """Wait until the last collective that used ``bucket``'s slot is done."""
+        handle = self._users.pop(bucket.slot, None)
+        if handle is not None:
+            handle.wait()
+
+    def hold(self, bucket: ShardBucket, handle: Handle) -> None:
+        """Record that ``handle``'s collective uses ``bucket``'s slot until it is waited."""
+        self._users[bucket.slot] = handle
+
+    def drain(self) -> None:
+        """Wait for every collective that uses a slot."""
+        for handle in self._users.values():
+            handle.wait()
+        self._users.clear()
 
 
 class ShardedAdamW(Optimizer):
@@ -343,7 +375,7 @@ class ShardedAdamW(Optimizer):
         self._scaler_checked = False  # ShardedGradScaler checked the shards for this step
         self._step_supports_amp_scaling = True  # GradScaler hands its scale to step()
         self._buckets: list[ShardBucket] = []
-        self._pool = GatherPool(gather_buffers)
+        self._pool = BufferPool(gather_buffers)
         self._slot: dict[torch.nn.Parameter, tuple[ShardBucket, int]] = {}
         self._names: dict[torch.nn.Parameter, str] = {}
         self._frozen: list[torch.nn.Parameter] = []  # no state: frozen when the group was added
@@ -479,6 +511,7 @@ class ShardedAdamW(Optimizer):
             return
         if not self._in_backward:
             self._in_backward = True
+            self._pool.bind(self._buckets, staging=True)
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         bucket, _ = self._slot[p]
         bucket.ready += 1
@@ -504,21 +537,23 @@ class ShardedAdamW(Optimizer):
 
     def _launch(self, bucket: ShardBucket) -> None:
         grads = bucket.local_grads()
-        self._pending.append(bucket.reduce_scatter(self._comm, grads, async_op=self._overlap))
+        self._pool.acquire(bucket)
+        handle = bucket.reduce_scatter(self._comm, grads, async_op=self._overlap)
+        self._pool.hold(bucket, handle)
+        self._pending.append(handle)
         for p in bucket.params:  # ZeRO-2: the shard now holds this rank's part
             p.grad = None
 
     def _finish_reduction(self) -> None:
         """Make sure every bucket's gradient shard is reduced and complete."""
         if self._ddp is None and (self._local_pending or not self._reduced):
+            self._pool.bind(self._buckets, staging=True)
             for bucket in self._buckets:
                 self._launch(bucket)
             self._local_pending = False
         self._reduced = True
         with record_function("sharded_adamw.reduce_scatter_wait"):
-            for handle in self._pending:
-                handle.wait()
-        self._pending.clear()
+            self._wait_pending()
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -545,7 +580,7 @@ class ShardedAdamW(Optimizer):
                         )
                     out.append([False] * len(b.params))
                 elif self._ddp.find_unused_parameters or self._ddp.static_graph:
-                    out.append([p.grad is not None for p in b.params])
+                    out.append(list(b.present))  # local; agreed over the ranks in _agree
                 else:
                     out.append([True] * len(b.params))
             return out
@@ -569,8 +604,10 @@ class ShardedAdamW(Optimizer):
 
     def _agree(self, present: list[list[bool]], found: torch.Tensor | None) -> bool:
         """One small all-reduce of whether any rank ``found`` a non-finite gradient and
-        (standalone) which parameters had a gradient on any rank. Returns whether to skip."""
-        standalone = self._ddp is None
+        (standalone, or attached to a DDP that may skip parameters) which parameters had a
+        gradient on any rank. Returns whether to skip."""
+        ddp = self._ddp
+        standalone = ddp is None or ddp.find_unused_parameters or ddp.static_graph
         if not self._comm.distributed or (found is None and not standalone):
             return found is not None and found.item() > 0
         flags = [0.0 if found is None else found.item()]
@@ -663,22 +700,20 @@ class ShardedAdamW(Optimizer):
                     self.skipped_steps,
                 )
             return loss
-        self._pool.bind(self._buckets)
-        in_flight: dict[tuple, Handle] = {}  # pool slot -> the all-gather that is using it
+        self._pool.bind(self._buckets, staging=self._ddp is None)
         for bucket, bp in zip(self._buckets, present):
             if not any(bp):
                 continue
-            if bucket.slot in in_flight:  # wait for, and copy out, the slot's last user
-                in_flight.pop(bucket.slot).wait()
+            self._pool.acquire(bucket)  # wait for, and copy out, the slot's last user
             with record_function("sharded_adamw.update"):
                 bucket.update(bp)
             with record_function("sharded_adamw.all_gather"):
-                in_flight[bucket.slot] = self._comm.all_gather_params(
+                handle = self._comm.all_gather_params(
                     bucket.gathered, bucket.copy_out, async_op=self._overlap
                 )
+            self._pool.hold(bucket, handle)
         with record_function("sharded_adamw.all_gather_wait"):
-            for handle in in_flight.values():
-                handle.wait()
+            self._pool.drain()
         self._after_step()
         return loss
 
@@ -686,14 +721,19 @@ class ShardedAdamW(Optimizer):
         self._reduced = False
         self._last_stats = self._comm.reset_stats()
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for handle in self._pending:  # reductions in flight belong to the discarded batch
+    def _wait_pending(self) -> None:
+        """Wait for (and deliver) every reduction in flight."""
+        for handle in self._pending:
             handle.wait()
         self._pending.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._wait_pending()  # reductions in flight belong to the discarded batch
         super().zero_grad(set_to_none=set_to_none)
         for bucket in self._buckets:
             bucket.has_grad = False
             bucket.present = [False] * len(bucket.params)
+            bucket.reduced = [False] * len(bucket.params)
 
     # ---- state dicts -------------------------------------------------------------------------
 
