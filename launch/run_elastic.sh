@@ -27,10 +27,9 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-gpus=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-  gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-fi
+# GPUs this job may use, as torch counts them (honouring CUDA_VISIBLE_DEVICES, which
+# nvidia-smi ignores); 0 where torch sees none or does not start
+gpus=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 NPROC=${NPROC:-$((gpus > 0 ? gpus : 2))}
 LOG_RANK=${LOG_RANK:-0}

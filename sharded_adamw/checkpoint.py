@@ -53,13 +53,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel
 
-from .optimizer import ShardedAdamW
+from .optimizer import RUNTIME_KEYS, ShardedAdamW
 
 FORMAT = "sharded-adamw/1"
 MANIFEST = "manifest.json"
-# Param-group keys that say how this job runs the update rather than where training is: a load
-# keeps the loading optimizer's values (as constructed for this job's devices).
-RUNTIME_KEYS = ("params", "param_names", "foreach", "fused", "capturable", "differentiable")
 
 
 class CheckpointError(RuntimeError):
@@ -181,7 +178,11 @@ class _Ranks:
 
     def __init__(self, opt: ShardedAdamW):
         comm = self.comm = opt._comm
-        order = self.order = comm.all_gather_object(comm.global_rank)
+        self.device = next(  # where the state lives; the small all-gathers run there too
+            (t.device for s in opt.state.values() for k, t in s.items() if k != "step"),
+            torch.device("cpu"),
+        )
+        order = self.order = comm.all_gather_object(comm.global_rank, self.device)
         self.size, self.index = len(order), order.index(comm.global_rank)
         self.leader = self.index == 0
         self.distributed = comm.distributed
@@ -190,9 +191,7 @@ class _Ranks:
         self.placements: tuple = ()
         if not comm.distributed:
             return
-        device = next(
-            (t.device.type for s in opt.state.values() for k, t in s.items() if k != "step"), "cpu"
-        )
+        device = self.device.type
         if comm.replicate_group is None:
             self.group = comm.shard_group
             self.mesh = DeviceMesh.from_group(comm.shard_group, device)
@@ -229,7 +228,7 @@ class _Ranks:
             result = work()
         except Exception as e:  # noqa: BLE001 - every rank must hear of it
             error, failure = str(e) if isinstance(e, CheckpointError) else repr(e), e
-        gathered = self.comm.all_gather_object((result, error))
+        gathered = self.comm.all_gather_object((result, error), self.device)
         errors: dict[str, list[int]] = {}
         for rank, (_, err) in zip(self.order, gathered):
             if err is not None:

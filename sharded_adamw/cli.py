@@ -33,6 +33,9 @@ from .optimizer import ShardedAdamW
 
 SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 VOCAB = 37
+# verify: bitwise up to this many ranks; beyond, REL_TOL relative (see ``verify``)
+BITWISE_WORLD_SIZE = 2
+REL_TOL = 1e-5
 
 
 # ---- argument types: each error names the value; argparse adds the argument's name ---------
@@ -170,9 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small model (embedding, linear, layernorm; no tensor size "
         "divides by 2..12 ranks, so padding is exercised) with DDP + ShardedAdamW (attached) "
         "and with DDP + torch.optim.AdamW from the same weights on the same data, then print "
-        "each parameter's max abs difference and whether it is bitwise equal. Run it under "
-        "torchrun (torchrun --nproc_per_node K -m sharded_adamw.cli verify) or as one "
-        "process. Exits with status 1 if any parameter differs.",
+        "each parameter's max abs and relative difference and whether it is bitwise equal. "
+        "Run it under torchrun (torchrun --nproc_per_node K -m sharded_adamw.cli verify) or "
+        "as one process. Up to 2 ranks every parameter must be bitwise equal; from 3 ranks "
+        "DDP's all-reduce and the reduce-scatter add the ranks' gradients in different "
+        "orders, so a parameter may instead be within 1e-5 relative (max abs difference over "
+        "max abs value). Exits with status 1 otherwise.",
     )
     ver.add_argument(
         "--steps", type=positive, default=20, help="training steps (default: %(default)s)"
@@ -305,8 +311,14 @@ def _ddp(model: nn.Module, device: torch.device) -> DDP:
 
 
 def verify(steps: int, device: torch.device) -> tuple[str, bool]:
-    """Train both setups ``steps`` steps; return the comparison table and whether every
-    parameter is bitwise equal. Collective: every rank must call it."""
+    """Train both setups ``steps`` steps; return the comparison table and whether they agree.
+    Collective: every rank must call it.
+
+    Up to ``BITWISE_WORLD_SIZE`` ranks they agree only if every parameter is bitwise equal.
+    Beyond, DDP's all-reduce and the reduce-scatter add the ranks' gradients in different
+    orders (``(a + b) + c`` need not be ``a + (b + c)``), so the averaged gradient can differ
+    in the last bit and Adam carries that on: a parameter that is not bitwise equal agrees
+    if its max abs difference over its max abs value is at most ``REL_TOL``."""
     torch.manual_seed(0)
     ref_model = SmallModel().to(device)
     model = copy.deepcopy(ref_model)
@@ -318,28 +330,44 @@ def verify(steps: int, device: torch.device) -> tuple[str, bool]:
     opt.attach(net)
     _train(ref_net, ref_opt, steps, device)
     _train(net, opt, steps, device)
-    rows, all_equal, worst = [], True, 0.0
+    world = dist.get_world_size()
+    tolerant = world > BITWISE_WORLD_SIZE
+    rows, n_equal, n_bad, worst, worst_rel = [], 0, 0, 0.0, 0.0
     for (name, p), q in zip(ref_model.named_parameters(), model.parameters(), strict=True):
         diff = (p.detach().double() - q.detach().double()).abs().max().item()
+        rel = diff / (p.detach().double().abs().max().item() or 1.0)
         equal = torch.equal(p, q)
-        all_equal &= equal
-        worst = max(worst, diff)
+        ok = equal or (tolerant and rel <= REL_TOL)
+        n_equal += equal
+        n_bad += not ok
+        worst, worst_rel = max(worst, diff), max(worst_rel, rel)
+        verdict = "yes" if equal else f"no, within {REL_TOL:g}" if ok else "NO"
         rows.append(
-            [name, str(tuple(p.shape)), f"{p.numel():,}", f"{diff:.3g}", "yes" if equal else "NO"]
+            [name, str(tuple(p.shape)), f"{p.numel():,}", f"{diff:.3g}", f"{rel:.3g}", verdict]
         )
-    world = dist.get_world_size()
-    table = markdown_table(["parameter", "shape", "numel", "max abs diff", "bitwise equal"], rows)
-    verdict = (
-        "all parameters bitwise equal"
-        if all_equal
-        else f"{sum(r[-1] == 'NO' for r in rows)} of {len(rows)} parameters differ "
-        f"(max abs diff {worst:.3g})"
+    table = markdown_table(
+        ["parameter", "shape", "numel", "max abs diff", "rel diff", "bitwise equal"], rows
     )
+    if n_equal == len(rows):
+        verdict = "all parameters bitwise equal"
+    elif not n_bad:
+        verdict = (
+            f"{n_equal} of {len(rows)} parameters bitwise equal, the others within "
+            f"{REL_TOL:g} relative (max {worst_rel:.3g}): at world size {world} DDP's "
+            "all-reduce and the reduce-scatter add the ranks' gradients in different orders, "
+            "so the averaged gradient can differ in the last bit"
+        )
+    else:
+        limit = f"beyond {REL_TOL:g} relative" if tolerant else "not bitwise equal"
+        verdict = (
+            f"{n_bad} of {len(rows)} parameters differ, {limit} (max abs diff {worst:.3g}, "
+            f"max rel diff {worst_rel:.3g})"
+        )
     summary = (
         f"verify: world size {world}, {steps} steps, {dist.get_backend()}, "
         f"ShardedAdamW attached to DDP vs DDP + torch.optim.AdamW: {verdict}"
     )
-    return f"{table}\n\n{summary}", all_equal
+    return f"{table}\n\n{summary}", not n_bad
 
 
 # ---- report ----------------------------------------------------------------------------------

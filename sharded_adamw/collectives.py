@@ -229,16 +229,20 @@ class Comm:
             dist.all_reduce(t, op=rop, group=self.replicate_group)
         return t
 
-    def all_gather_object(self, obj) -> list:
-        """Every data-parallel rank's ``obj`` (construction-time checks only)."""
+    def all_gather_object(self, obj, device: torch.device) -> list:
+        """Every data-parallel rank's ``obj`` (construction-time checks and checkpoints only).
+
+        The pickled bytes travel in ``uint8`` tensors on ``device`` (the parameters'), not
+        through ``dist.all_gather_object``, which on NCCL uses ``torch.cuda.current_device()``:
+        cuda:0 on every rank whose script moved the model without ``torch.cuda.set_device``.
+        """
         if not self.distributed:
             return [obj]
         groups = [self.shard_group] + ([self.replicate_group] if self.replicate_group else [])
         out = [obj]
         for group in groups:
-            gathered: list = [None] * dist.get_world_size(group)
-            dist.all_gather_object(gathered, pickle.dumps(out), group=group)
-            out = [x for blob in gathered for x in pickle.loads(blob)]
+            blobs = _all_gather_bytes(pickle.dumps(out), device, group)
+            out = [x for blob in blobs for x in pickle.loads(blob)]
         return out
 
     def _count(self, kind: str, t: torch.Tensor) -> None:
@@ -273,6 +277,23 @@ def completed_future(value: torch.Tensor) -> torch.futures.Future:
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(value)
     return fut
+
+
+def _all_gather_bytes(blob: bytes, device: torch.device, group) -> list[bytes]:
+    """Every rank's ``blob``: one all-gather of the lengths, one of the blobs padded to the
+    longest, both on ``device``."""
+    world = dist.get_world_size(group)
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    dist.all_gather_single(sizes, size, group=group)
+    lengths = sizes.tolist()
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    rows = torch.empty((world, max(lengths)), dtype=torch.uint8, device=device)
+    dist.all_gather_single(rows.view(-1), padded, group=group)
+    rows = rows.cpu()
+    return [bytes(rows[r, :n].tolist()) for r, n in enumerate(lengths)]
 
 
 def _is_device_mesh(obj) -> bool:

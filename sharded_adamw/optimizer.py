@@ -15,6 +15,7 @@ The data path of one training step, in order:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,10 @@ logger = logging.getLogger("sharded_adamw")
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# Param-group keys that say how this job runs the update rather than where training is: a
+# load keeps the loading optimizer's values, which match where construction put the step
+# tensors (on the parameters' device for fused, on the CPU otherwise).
+RUNTIME_KEYS = ("params", "param_names", "foreach", "fused", "capturable", "differentiable")
 
 
 def _flat(p: torch.Tensor) -> torch.Tensor:
@@ -475,9 +480,21 @@ class ShardedAdamW(Optimizer):
             self._buckets.append(bucket)
 
     def _check_same_on_every_rank(self, gi: int, params: list, names: list) -> None:
-        """Every rank must pass the same parameters; the first difference is named on all."""
+        """Every rank must pass the same parameters, on its current CUDA device if on CUDA;
+        the first problem is raised on every rank, so that none waits in a later collective.
+
+        The agreement runs on the parameters' device: NCCL's ``all_gather_object`` would use
+        ``torch.cuda.current_device()``, cuda:0 on every rank that skipped ``set_device``."""
         mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for p, n in zip(params, names)]
-        every = self._comm.all_gather_object(mine)
+        device = next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
+        if device.type == "cpu" and self._comm.backend == "nccl":  # NCCL moves no CPU tensor
+            device = torch.device("cuda", torch.cuda.current_device())
+        wrong = _current_device_mismatch(device)
+        gathered = self._comm.all_gather_object((self._comm.global_rank, wrong, mine), device)
+        for rank, problem, _ in gathered:
+            if problem is not None:
+                raise RuntimeError(f"ShardedAdamW: rank {rank}: {problem}")
+        every = [theirs for _, _, theirs in gathered]
         ref = every[0]
         for rank, theirs in enumerate(every):
             if theirs == ref:
@@ -630,8 +647,10 @@ class ShardedAdamW(Optimizer):
         """Clip the averaged gradient by its norm over all shards; returns that norm.
 
         ``torch.nn.utils.clip_grad_norm_``'s contract, computed on the reduced shards: each
-        rank contributes the norm of its shards, one all-reduce combines them, every rank
-        gets the same total and scales only what it owns. Collective.
+        rank contributes the norm of its shards, one all-reduce (in float64) combines them,
+        every rank gets the same total and scales only what it owns. As in torch, the total
+        and the clip coefficient have the gradients' dtype (the shards' dtype, promoted
+        across groups), so fp64 gradients are clipped to fp64 precision. Collective.
         """
         self._finish_reduction()
         norm_type = float(norm_type)
@@ -639,14 +658,15 @@ class ShardedAdamW(Optimizer):
         device = self._buckets[0].device if self._buckets else torch.device("cpu")
         if not shards:
             return torch.zeros((), device=device)
-        norms = torch.stack([torch.linalg.vector_norm(s, norm_type) for s in shards])
+        dtype = functools.reduce(torch.promote_types, (s.dtype for s in shards))
+        norms = torch.stack([torch.linalg.vector_norm(s, norm_type).double() for s in shards])
         if math.isinf(norm_type):
-            local = norms.max().float()
-            total = self._comm.all_reduce_(local.reshape(1), "max", shard_only=True)[0]
+            local = norms.max().reshape(1)
+            total = self._comm.all_reduce_(local, "max", shard_only=True)[0].to(dtype)
         else:
-            local = norms.double().pow(norm_type).sum().reshape(1)
+            local = norms.pow(norm_type).sum().reshape(1)
             total = self._comm.all_reduce_(local, "sum", shard_only=True)[0]
-            total = total.pow(1.0 / norm_type).float()
+            total = total.pow(1.0 / norm_type).to(dtype)
         if error_if_nonfinite and not torch.isfinite(total):
             raise RuntimeError(
                 f"The total norm of order {norm_type} for gradients is non-finite, so it "
@@ -769,6 +789,12 @@ class ShardedAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict in ``torch.optim.AdamW``'s format, saved at any world size.
 
+        Hyperparameters are loaded; how the update runs (``RUNTIME_KEYS``: ``fused``,
+        ``foreach``, ``capturable``, ``differentiable``) stays as this optimizer was built,
+        which is what its step tensors' device was chosen for. Copying them would hand CPU
+        step tensors to the fused CUDA kernel after loading ``AdamW(fused=True)``'s state
+        (pytorch/pytorch#124133), or CUDA step tensors to the for-loop and foreach paths.
+
         Everything is checked before anything is changed: a mismatch raises and leaves the
         optimizer as it was.
         """
@@ -799,7 +825,7 @@ class ShardedAdamW(Optimizer):
                     )
         entries = {p: state[pid] for pid, p in by_id.items() if pid in state}
         for g, sg in zip(self.param_groups, saved_groups):
-            g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+            g.update({k: v for k, v in sg.items() if k not in RUNTIME_KEYS})
         for b in self._buckets:
             if b.group["amsgrad"] and b.max_exp_avg_sq is None:
                 b.max_exp_avg_sq = b._zeros(b.layout.shard_numel)
@@ -898,3 +924,20 @@ def _describe(entry: tuple) -> str:
     name, shape, dtype, requires_grad = entry
     label = f"{name!r} " if name else ""
     return f"{label}shape {shape} {dtype}" + ("" if requires_grad else " (frozen)")
+
+
+def _current_device_mismatch(device: torch.device) -> str | None:
+    """What is wrong if ``device`` (where a rank's parameters are) is a CUDA device other than
+    the current one, else None. NCCL runs barriers, object collectives and DDP's setup on the
+    current device: a model moved with ``.to(f"cuda:{r}")`` but no ``torch.cuda.set_device``
+    leaves every rank on cuda:0 (a duplicate-GPU error or a hang)."""
+    if device.type != "cuda":
+        return None
+    current = torch.cuda.current_device()
+    if device.index is None or device.index == current:
+        return None
+    return (
+        f"its parameters are on {device} but its current CUDA device is cuda:{current}; call "
+        f"torch.cuda.set_device({device.index}) (usually torch.cuda.set_device(local_rank)) "
+        "before building the model and the optimizer"
+    )

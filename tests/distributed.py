@@ -1,4 +1,4 @@
-"""Run a function on W gloo processes and collect what each rank returns.
+"""Run a function on W gloo (or NCCL) processes and collect what each rank returns.
 
 Each call spawns fresh processes with a free port and a collective timeout, so a hang becomes
 a failure with the rank's traceback. Test modules call it once per world size (through a
@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results):
+def _worker(rank, world_size, port, fn, args, results, backend):
     import torch
     import torch.distributed as dist
 
@@ -31,8 +31,10 @@ def _worker(rank, world_size, port, fn, args, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":  # one GPU per rank, current before NCCL starts
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=60),
@@ -47,13 +49,16 @@ def _worker(rank, world_size, port, fn, args, results):
             dist.destroy_process_group()
 
 
-def run(fn, world_size: int, *args, timeout: float = 240.0) -> list:
-    """``[fn(rank, world_size, *args) for each rank]``, computed in ``world_size`` processes."""
+def run(fn, world_size: int, *args, timeout: float = 240.0, backend: str = "gloo") -> list:
+    """``[fn(rank, world_size, *args) for each rank]``, computed in ``world_size`` processes
+    over ``backend`` (with ``"nccl"``, rank ``r`` runs on ``cuda:r``)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
+        ctx.Process(
+            target=_worker, args=(r, world_size, port, fn, args, results, backend), daemon=True
+        )
         for r in range(world_size)
     ]
     for p in procs:

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from sharded_adamw import ShardedAdamW
+from sharded_adamw import optimizer as optimizer_module
+from sharded_adamw.update import adamw_update
 
 from . import distributed
 from .models import TinyLM, batch, compare, loss_fn, param_groups, schedule, train_pair
@@ -218,3 +220,53 @@ def test_closure_and_set_to_none_false_behave_like_torch():
             loss = o.step(closure)
         assert isinstance(loss, torch.Tensor)
     assert torch.equal(ref.weight, model.weight) and torch.equal(ref.bias, model.bias)
+
+
+@pytest.mark.parametrize(
+    "saved, ours",
+    [(dict(fused=True), dict()), (dict(), dict(fused=True))],
+    ids=["torch_fused_into_default", "torch_default_into_fused"],
+)
+def test_load_state_dict_keeps_how_this_optimizer_runs_and_where_its_steps_live(
+    monkeypatch, saved, ours
+):
+    """A state dict of torch AdamW(fused=True) loads into a default ShardedAdamW and the
+    reverse: the loaded optimizer keeps its own fused/foreach/capturable/differentiable, and
+    its next step runs that implementation with the step tensors where it needs them (the
+    parameters' device for fused, the CPU otherwise; pytorch/pytorch#124133 on CUDA).
+    ``adamw_update`` is observed, not replaced: the math is torch's."""
+    torch.manual_seed(0)
+    ref = TinyLM()
+    ref_opt = torch.optim.AdamW(param_groups(ref), **saved)
+    for step in range(2):
+        x, y = batch(step, 0)
+        loss_fn(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    model = copy.deepcopy(ref)
+    opt = ShardedAdamW(param_groups(model), **ours)
+    keys = ("fused", "foreach", "capturable", "differentiable")
+    runtime = lambda o: [{k: g[k] for k in keys} for g in o.param_groups]  # noqa: E731
+    built = runtime(opt)
+    opt.load_state_dict(ref_opt.state_dict())
+    assert runtime(opt) == built
+
+    seen = []
+
+    def observed(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group, **kw):
+        seen.append((group["fused"], {s.device for s in steps}))
+        adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group, **kw)
+
+    monkeypatch.setattr(optimizer_module, "adamw_update", observed)
+    # the reference goes on from the same state with this optimizer's runtime keys
+    for g, mine in zip(ref_opt.param_groups, built):
+        g.update(mine)
+    x, y = batch(2, 0)
+    for m, o in ((ref, ref_opt), (model, opt)):
+        loss_fn(m(x), y).backward()
+        o.step()
+    fused = bool(ours.get("fused"))
+    step_device = model.emb.weight.device if fused else torch.device("cpu")
+    assert seen and all(f == ours.get("fused") and d == {step_device} for f, d in seen), seen
+    for p, q in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p)

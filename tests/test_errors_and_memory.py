@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sharded_adamw import ShardedAdamW
+from sharded_adamw import optimizer as optimizer_module
 
 from . import distributed
 
@@ -195,3 +199,44 @@ def test_model_to_after_construction_keeps_training_the_same_parameters():
         model.double()
         model(x.double()).sum().backward()
         opt.step()
+
+
+def test_parameters_off_the_current_cuda_device_are_named_with_the_fix(monkeypatch):
+    """Where a script moved the model with ``.to(f"cuda:{r}")`` but never called
+    ``torch.cuda.set_device`` (current device stubbed: this machine may have no GPU)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    check = optimizer_module._current_device_mismatch
+    problem = check(torch.device("cuda", 1))
+    assert problem is not None
+    assert "cuda:1" in problem and "cuda:0" in problem and "torch.cuda.set_device(1)" in problem
+    assert check(torch.device("cuda", 0)) is None
+    assert check(torch.device("cpu")) is None
+
+
+def _wrong_cuda_device(rank: int, world: int) -> str | None:
+    """Rank 1 is told, by the real check under a stubbed current device (cuda:0), that its
+    parameters sit on cuda:1; the others are fine. Returns this rank's construction error."""
+    real = optimizer_module._current_device_mismatch
+    stubs = contextlib.ExitStack()
+    if rank == 1:
+        stubs.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
+        stubs.enter_context(
+            mock.patch.object(
+                optimizer_module,
+                "_current_device_mismatch",
+                lambda device: real(torch.device("cuda", 1)),
+            )
+        )
+    with stubs:
+        try:
+            ShardedAdamW(nn.Linear(3, 3).parameters())
+        except RuntimeError as e:
+            return str(e)
+    return None
+
+
+def test_a_rank_off_its_current_cuda_device_fails_on_every_rank_naming_it():
+    for message in distributed.run(_wrong_cuda_device, 2, timeout=120):
+        assert message is not None, "construction went on with a rank on the wrong device"
+        assert "rank 1" in message and "cuda:1" in message and "cuda:0" in message
+        assert "torch.cuda.set_device" in message
