@@ -137,7 +137,7 @@ def save_checkpoint(
     }
     tmp, _ = _siblings(path)
     ranks.agree("preparing", lambda: _prepare(path) if ranks.leader else None)
-    with _quiet_single_process():
+    with _quiet():
         dcp.save(
             state,
             storage_writer=FileSystemWriter(tmp),
@@ -237,7 +237,7 @@ def _read(where: Path, targets: dict[str, Any], ranks: _Ranks) -> None:
     """DCP's load of ``targets`` from ``where``; its failures (a file missing or cut short in
     a checkpoint without our manifest) become ``CheckpointError`` on every rank."""
     try:
-        with _quiet_single_process():
+        with _quiet():
             dcp.load(
                 targets,
                 storage_reader=FileSystemReader(where),
@@ -630,8 +630,11 @@ def _from_bytes(blob: bytes) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns on every call without a process group; here a single process is intended."""
+def _quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group (here a single process is intended),
+    and on every ``ShardedTensor`` it meets (the one type that lets a rank hand DCP several
+    boxes of a tensor; DTensor cannot)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor")
         yield
