@@ -636,8 +636,15 @@ def peak_table(
 ) -> list[tuple[str, str, float | str]]:
     """``(contender, dtype, bytes per parameter or skip reason)`` for every ``PEAK_ROWS`` row,
     each contender alone, on ``mlp(width, layers)`` with ``steps`` batches of ``batch`` rows."""
-    base = mlp(width, layers)
     g = torch.Generator().manual_seed(dist.get_rank())
+    # One warm-up of every row on a tiny model first: the first optimizer built in a process
+    # imports torch._dynamo and friends (about 150 MB resident), and peers load their own
+    # modules; none of that is per-parameter memory, so no row may pay it.
+    tiny = mlp(64, 2)
+    warm = [torch.randn(batch, 64, generator=g).to(device)]
+    for name, dtype in PEAK_ROWS:
+        measure_peak(name, dtype, tiny, warm, device)
+    base = mlp(width, layers)
     batches = [torch.randn(batch, width, generator=g).to(device) for _ in range(steps)]
     return [
         (name, str(dtype).removeprefix("torch."), measure_peak(name, dtype, base, batches, device))

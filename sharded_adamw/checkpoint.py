@@ -1,23 +1,32 @@
-"""Sharded checkpoints of a model and its ``ShardedAdamW``: each rank writes only what it owns.
+"""Sharded checkpoints of a model and its ``ShardedAdamW`` in torch's distributed layout.
 
-``save_checkpoint`` and ``load_checkpoint`` are built on ``torch.distributed.checkpoint`` (DCP).
-A checkpoint is one DCP directory whose flat state dict holds
+``save_checkpoint`` and ``load_checkpoint`` are built on ``torch.distributed.checkpoint`` (DCP)
+and write what a DDP or FSDP2 job with ``torch.optim.AdamW`` writes with
+``dcp.save({"model": model_sd, "optim": optim_sd})`` after
+``model_sd, optim_sd = get_state_dict(model, optim)``:
 
-- ``model/<key>``: every entry of the model's ``state_dict()``. The model is replicated, so DCP
-  writes each entry once, spread over the ranks.
-- ``optim/<name>/<key>``: the AdamW state (``exp_avg``, ``exp_avg_sq``, and ``max_exp_avg_sq``
-  and ``master_param`` where the optimizer has them) of the parameter called ``<name>`` in the
-  model, as a 1-D DTensor of the parameter's ``numel`` elements placed ``[Shard(0)]`` over the
-  shard group (``[Replicate(), Shard(0)]`` over a 2-D mesh). Its local tensor is this rank's
-  live view of the elements it owns, so no rank ever holds another rank's state.
-- ``optim/<name>/step``: the parameter's step count (the same on every rank).
-- ``meta``: the format, the world size, and each param group's hyperparameters and parameter
-  names. ``extra``: the caller's own small state (a step counter, a scheduler's state dict).
+- ``model.<fqn>``: every entry of the model's ``state_dict()`` (no DDP ``module.`` prefix).
+- ``optim.state.<fqn>.exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad): shaped
+  like the parameter. ``optim.state.<fqn>.step``: a 0-d float32 tensor.
+- ``optim.param_groups.<i>.<key>``: each param group's hyperparameters, with ``params`` the
+  list of parameter names.
+- ``sharded_adamw``: the format and the caller's ``extra`` state (other readers ignore it).
 
-``Shard(0)`` of a 1-D tensor cuts it by the ``torch.chunk`` rule, which is the optimizer's own
-layout (``layout.owned_range``), so DCP's metadata records each rank's chunk with its global
-offset and a load at any other world size reads each new owner's range from the files that
-hold it.
+So DDP, FSDP2 and ShardedAdamW jobs load each other's checkpoints at any world size.
+
+Each rank writes only the elements it owns. Its flat owned range of a parameter
+(``layout.owned_range``) is a few rectangular boxes of the parameter's shape (``boxes.py``);
+they go to DCP as the local shards of a ``ShardedTensor`` whose metadata lists every rank's
+boxes, and each local shard is a view of the optimizer's live state, so nothing is copied or
+gathered. A load reads the boxes of the new owner from whatever pieces the writer recorded
+(whole tensors from DDP, ``Shard(0)`` rows from FSDP2, boxes from ShardedAdamW).
+
+Master weights. bf16/fp16 parameters with fp32 master weights are saved as the fp32 run they
+stand for: ``model.<fqn>`` of a trained parameter holds the fp32 master weights (written as
+boxes by their owners) and the state is fp32, which is what an fp32 model trained with AdamW,
+or FSDP2 with ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` (fp32 sharded parameters),
+writes. A load takes the masters from ``model.<fqn>`` and rounds them to the parameter dtype.
+Other entries (buffers, frozen parameters) keep their dtype.
 
 Atomic and verified. A save writes into ``.<name>.tmp`` next to ``path``. When DCP has finished
 on every rank, the ranks hash the files (each takes a share) and the leader (shard rank 0 of
@@ -28,7 +37,12 @@ or at ``.<name>.old`` in the instant between the two renames, where loads look a
 save restores it from. A load verifies the manifest (sizes, and sha256 with each rank taking a
 share of the files), checks the checkpoint's names, shapes and dtypes against the model and
 optimizer, reads everything into temporary tensors, checks the param groups, and only then
-copies into the model and the optimizer: a failed load changes nothing.
+copies into the model and the optimizer: a failed load changes nothing. A checkpoint written
+by DCP alone (no manifest) is checked by DCP's own metadata instead.
+
+Checkpoints of sharded-adamw 0.1 (format ``sharded-adamw/1``: ``optim/<name>/exp_avg`` as
+1-D tensors of the parameter's ``numel``, bf16 parameters in ``model/<fqn>`` and their fp32
+masters in ``optim/<name>/master_param``) still load, by the same box reads over 1-D shapes.
 """
 
 from __future__ import annotations
@@ -37,26 +51,37 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import (
+    ShardedTensorMetadata,
+    TensorProperties,
+)
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.nn.parallel import DistributedDataParallel
 
+from .boxes import flat_range_boxes
+from .layout import owned_range
 from .optimizer import RUNTIME_KEYS, ShardedAdamW
 
-FORMAT = "sharded-adamw/1"
+FORMAT = "sharded-adamw/2"
+OLD_FORMAT = "sharded-adamw/1"
 MANIFEST = "manifest.json"
+MARKER = "sharded_adamw"  # {"format", "extra"}: written by save_checkpoint, ignored by others
 
 
 class CheckpointError(RuntimeError):
@@ -69,7 +94,8 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Save ``model`` and its sharded ``optimizer`` to the directory ``path``. Collective.
+    """Save ``model`` and its sharded ``optimizer`` to the directory ``path``, in the layout
+    of ``get_state_dict(model, optimizer)`` (module docstring). Collective.
 
     ``model`` may be wrapped in ``DistributedDataParallel``; ``optimizer`` is a ``ShardedAdamW``
     or a wrapper of one (accelerate's ``AcceleratedOptimizer``). ``extra`` is the caller's own
@@ -83,19 +109,32 @@ def save_checkpoint(
     module = _unwrap(model)
     ranks = _Ranks(opt)
     names = _param_names(module, opt)
-    state: dict[str, Any] = {f"model/{k}": v for k, v in module.state_dict().items()}
-    for p, name in names.items():
-        for key, t in opt.state.get(p, {}).items():
-            state[f"optim/{name}/{key}"] = t if key == "step" else ranks.shard(t, p.numel())
+    owned = owned_state(opt)
+    by_key = dict(module.named_parameters(remove_duplicate=False))
+    model_sd: dict[str, Any] = {}
+    for key, value in module.state_dict().items():
+        o = owned.get(by_key.get(key))
+        master = o.tensors.get("master_param") if o is not None else None
+        model_sd[key] = value if master is None else ranks.boxes(master, value.shape, o)
+    optim_state = {
+        names[p]: {
+            "step": o.step,
+            **{k: ranks.boxes(t, p.shape, o) for k, t in o.tensors.items() if k != "master_param"},
+        }
+        for p, o in owned.items()
+    }
     groups = [
-        {**{k: v for k, v in g.items() if k not in ("params", "param_names")}, "params": members}
+        {**{k: v for k, v in g.items() if k != "params"}, "params": members}
         for g, members in zip(opt.param_groups, _group_names(opt, names))
     ]
-    state["meta"] = _to_bytes({"format": FORMAT, "param_groups": groups})
-    state["extra"] = _to_bytes(extra or {})
+    state = {
+        "model": model_sd,
+        "optim": {"state": optim_state, "param_groups": groups},
+        MARKER: _to_bytes({"format": FORMAT, "extra": extra or {}}),
+    }
     tmp, _ = _siblings(path)
     ranks.agree("preparing", lambda: _prepare(path) if ranks.leader else None)
-    with _quiet_single_process():
+    with _quiet():
         dcp.save(
             state,
             storage_writer=FileSystemWriter(tmp),
@@ -116,54 +155,180 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
 ) -> dict[str, Any]:
-    """Load a checkpoint written by ``save_checkpoint`` at any world size. Collective.
+    """Load a checkpoint at any world size: one written by ``save_checkpoint`` (this version
+    or 0.1), or by ``dcp.save({"model": ..., "optim": ...})`` of ``get_state_dict`` from a
+    DDP or FSDP2 job with ``torch.optim.AdamW``. Collective.
 
     Raises ``CheckpointError``, naming the file or the parameter, when the checkpoint is
     missing, incomplete or corrupt, or when its parameters (names, shapes, dtypes, state
     keys, param groups) differ from ``model``'s and ``optimizer``'s; the model and optimizer are
-    then unchanged. Hyperparameters are restored, except how the update runs (``foreach``,
-    ``fused``, ...). Returns the ``extra`` dict passed to ``save_checkpoint``.
+    then unchanged. A parameter with no state at all in the checkpoint (torch creates state at
+    a parameter's first update) starts fresh, as in ``torch.optim.AdamW``. Hyperparameters are
+    restored, except how the update runs (``foreach``, ``fused``, ...). Returns the ``extra``
+    dict passed to ``save_checkpoint`` (empty for a checkpoint written by DCP alone).
     """
     opt = _sharded(optimizer)
     module = _unwrap(model)
     ranks = _Ranks(opt)
     names = _param_names(module, opt)
-    where = ranks.agree("verifying the files", lambda: _verify(Path(path), ranks))[ranks.index]
+    found = ranks.agree("verifying the files", lambda: _verify(Path(path), ranks))
+    where, fmt = found[ranks.index]
     saved = FileSystemReader(where).read_metadata().state_dict_metadata
+    owned = owned_state(opt)
+    by_key = dict(module.named_parameters(remove_duplicate=False))
     model_sd = module.state_dict()
-    want: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model_sd.items()}
-    for p, name in names.items():
-        want.update((f"optim/{name}/{k}", _global(t, p)) for k, t in opt.state.get(p, {}).items())
-    _check_tensors(where, saved, want)
-    temp: dict[str, Any] = {"meta": b"", "extra": b""}
-    temp.update((f"model/{k}", torch.empty_like(v)) for k, v in model_sd.items())
-    for p, name in names.items():
-        for key, t in opt.state.get(p, {}).items():
-            local = torch.empty_like(t)
-            temp[f"optim/{name}/{key}"] = local if key == "step" else ranks.shard(local, p.numel())
-    with _quiet_single_process():
-        dcp.load(
-            temp,
-            storage_reader=FileSystemReader(where),
-            process_group=ranks.group,
-            no_dist=not ranks.distributed,
-        )
-    meta = _from_bytes(temp["meta"])
-    _check_groups(where, meta["param_groups"], _group_names(opt, names))
-    module.load_state_dict({k: temp[f"model/{k}"] for k in model_sd})
+    want: dict[str, tuple[tuple, torch.dtype, str]] = {}
+    first: dict[str, Any] = {}  # read targets of the first DCP read
+    masters: dict[str, Any] = {}  # the second read: masters share their keys with the model
+    for key, value in model_sd.items():
+        o = owned.get(by_key.get(key))
+        fp32 = not fmt.old and o is not None and "master_param" in o.tensors
+        dtype = torch.float32 if fp32 else value.dtype
+        want[fmt.model(key)] = (tuple(value.shape), dtype, f"model entry {key!r}")
+        first[fmt.model(key)] = torch.empty_like(value)
+    temps: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+    for p, o in owned.items():
+        name, shape = names[p], (p.numel(),) if fmt.old else tuple(p.shape)
+        keys = ["step", *(k for k in o.tensors if fmt.old or k != "master_param")]
+        if not any(fmt.state(name, k) in saved for k in keys):
+            continue  # no state for p in the checkpoint: it starts fresh
+        temps[p] = {"step": torch.empty_like(o.step)}
+        for k in keys:
+            what = f"optimizer state {k!r} of parameter {name!r}"
+            if k == "step":
+                want[fmt.state(name, k)] = ((), o.step.dtype, what)
+                first[fmt.state(name, k)] = temps[p]["step"]
+                continue
+            temps[p][k] = torch.empty_like(o.tensors[k])
+            want[fmt.state(name, k)] = (shape, o.tensors[k].dtype, what)
+            first[fmt.state(name, k)] = ranks.boxes(temps[p][k], shape, o)
+    for p, o in owned.items():
+        if "master_param" in o.tensors and not fmt.old:
+            temps.setdefault(p, {})["master_param"] = torch.empty_like(o.tensors["master_param"])
+            masters[fmt.model(names[p])] = ranks.boxes(temps[p]["master_param"], p.shape, o)
+    _check_tensors(where, fmt, saved, want)
+    first.update((k, "") for k in fmt.small_keys(saved))
+    for read in (first, masters):
+        if read:
+            _read(where, read, ranks)
+    groups, extra = fmt.groups_and_extra(first)
+    _check_groups(where, groups, _group_names(opt, names))
+    module.load_state_dict({k: first[fmt.model(k)] for k in model_sd})
     with torch.no_grad():
-        for p, name in names.items():
-            for key, t in opt.state.get(p, {}).items():
-                loaded = temp[f"optim/{name}/{key}"]
-                t.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
-    for g, sg in zip(opt.param_groups, meta["param_groups"]):
+        for p, o in owned.items():
+            loaded = temps.get(p, {})
+            o.step.copy_(loaded.get("step", torch.zeros(())))
+            for k, t in o.tensors.items():
+                if k in loaded:
+                    t.copy_(loaded[k])
+                elif k == "master_param":  # a fresh parameter of a 0.1 checkpoint
+                    t.copy_(p.detach().reshape(-1)[o.start : o.end])
+                else:
+                    t.zero_()
+    for g, sg in zip(opt.param_groups, groups):
         g.update({k: v for k, v in sg.items() if k not in RUNTIME_KEYS})
-    return _from_bytes(temp["extra"])
+    return extra
+
+
+def _read(where: Path, targets: dict[str, Any], ranks: _Ranks) -> None:
+    """DCP's load of ``targets`` from ``where``; its failures (a file missing or cut short in
+    a checkpoint without our manifest) become ``CheckpointError`` on every rank."""
+    try:
+        with _quiet():
+            dcp.load(
+                targets,
+                storage_reader=FileSystemReader(where),
+                process_group=ranks.group,
+                no_dist=not ranks.distributed,
+            )
+    except CheckpointException as e:
+        raise CheckpointError(f"reading checkpoint {where} failed: {e}") from e
 
 
 def checkpoint_exists(path: str | os.PathLike) -> bool:
-    """Whether a complete checkpoint can be loaded from ``path`` (local, not collective)."""
+    """Whether a complete checkpoint can be loaded from ``path`` (local, not collective): one
+    of ours with its manifest, or one that DCP alone wrote."""
     return _find(Path(path)) is not None
+
+
+# ---- the optimizer's state, as a checkpoint sees it ----------------------------------------
+
+
+@dataclass
+class OwnedState:
+    """This rank's state of one parameter: live 1-D views of its owned flat range
+    ``[start, end)`` under the state-dict keys, and its 0-d step count."""
+
+    start: int
+    end: int
+    tensors: dict[str, torch.Tensor]
+    step: torch.Tensor
+
+
+def owned_state(opt: ShardedAdamW) -> dict[torch.Tensor, OwnedState]:
+    """Every parameter with state, in the optimizer's bucket order. The one place that reads
+    the optimizer's internals (buckets, slots, state buffers), read-only."""
+    out = {}
+    for b in opt._buckets:
+        buffers = {
+            "exp_avg": b.exp_avg,
+            "exp_avg_sq": b.exp_avg_sq,
+            "max_exp_avg_sq": b.max_exp_avg_sq,
+            "master_param": b.master,
+        }
+        for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
+            tensors = {k: b.views(t, i) for k, t in buffers.items() if t is not None}
+            out[p] = OwnedState(slot.start, slot.end, tensors, b.steps[i])
+    return out
+
+
+# ---- formats ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Format:
+    """Where a checkpoint format keeps each thing. ``old`` is sharded-adamw 0.1's layout;
+    ``ours`` says whether ``save_checkpoint`` wrote it (else DCP alone did)."""
+
+    old: bool
+    ours: bool
+
+    def model(self, key: str) -> str:
+        return f"model/{key}" if self.old else f"model.{key}"
+
+    def state(self, name: str, key: str) -> str:
+        return f"optim/{name}/{key}" if self.old else f"optim.state.{name}.{key}"
+
+    def describe(self, key: str) -> str:
+        """A model entry or optimizer state key of the checkpoint, in words, for errors."""
+        if key.startswith(self.model("")):
+            return f"model entry {key[len(self.model('')) :]!r}"
+        sep, prefix = ("/", "optim/") if self.old else (".", "optim.state.")
+        name, _, state = key[len(prefix) :].rpartition(sep)
+        return f"optimizer state {state!r} of parameter {name!r}"
+
+    def is_tensor_entry(self, key: str) -> bool:
+        """Whether ``key`` is a model entry or optimizer state (what a load must account for)."""
+        return key.startswith(("model/", "optim/") if self.old else ("model.", "optim.state."))
+
+    def small_keys(self, saved: dict) -> list[str]:
+        """The non-tensor entries a load reads: param groups and the caller's extra."""
+        if self.old:
+            return ["meta", "extra"]
+        keys = [k for k, md in saved.items() if isinstance(md, BytesStorageMetadata)]
+        return [k for k in keys if k.startswith("optim.param_groups.") or k == MARKER]
+
+    def groups_and_extra(self, read: dict) -> tuple[list[dict], dict[str, Any]]:
+        """The param groups (``params`` as names) and the extra dict from what was read."""
+        if self.old:
+            return _from_bytes(read["meta"])["param_groups"], _from_bytes(read["extra"])
+        groups: dict[int, dict] = {}
+        for key, value in read.items():
+            if key.startswith("optim.param_groups."):
+                index, _, name = key[len("optim.param_groups.") :].partition(".")
+                groups.setdefault(int(index), {})[name] = value
+        extra = _from_bytes(read[MARKER])["extra"] if self.ours else {}
+        return [groups[i] for i in sorted(groups)], extra
 
 
 # ---- ranks --------------------------------------------------------------------------------
@@ -171,7 +336,7 @@ def checkpoint_exists(path: str | os.PathLike) -> bool:
 
 class _Ranks:
     """The optimizer's data-parallel ranks as a checkpoint sees them: the leader, this rank's
-    share of per-file work, the process group DCP runs over, and the DTensor placement.
+    share of per-file work, the process group DCP runs over, and who owns which boxes.
 
     Construction is collective (one small all-gather, replica-major, of global ranks).
     """
@@ -187,36 +352,44 @@ class _Ranks:
         self.leader = self.index == 0
         self.distributed = comm.distributed
         self.group = None  # DCP's process group; None is the default group
-        self.mesh: DeviceMesh | None = None
-        self.placements: tuple = ()
+        self.shard_group = comm.shard_group
+        self.shard_ranks = [comm.global_rank]  # global rank of each shard rank
         if not comm.distributed:
             return
-        device = self.device.type
+        self.shard_ranks = dist.get_process_group_ranks(comm.shard_group)
         if comm.replicate_group is None:
             self.group = comm.shard_group
-            self.mesh = DeviceMesh.from_group(comm.shard_group, device)
-            self.placements = (Shard(0),)
-            return
-        if self.size != dist.get_world_size():
+        elif self.size != dist.get_world_size():
             raise CheckpointError(
                 f"checkpoints of a 2-D mesh need the mesh to span the default process group "
                 f"({self.size} of {dist.get_world_size()} ranks here)"
             )
-        self.mesh = DeviceMesh.from_group(
-            [comm.replicate_group, comm.shard_group],
-            device,
-            mesh=torch.tensor(order).view(comm.replicas, comm.world_size),
-            mesh_dim_names=("replicate", "shard"),
-        )
-        self.placements = (Replicate(), Shard(0))
 
-    def shard(self, local: torch.Tensor, numel: int) -> torch.Tensor:
-        """This rank's owned elements of a flat tensor of ``numel`` elements, as DCP should see
-        them: a DTensor over the mesh, or the tensor itself in a single process."""
-        if self.mesh is None:
-            return local
-        return DTensor.from_local(
-            local, self.mesh, self.placements, run_check=False, shape=(numel,), stride=(1,)
+    def boxes(self, local: torch.Tensor, shape: tuple, owned: OwnedState) -> torch.Tensor:
+        """A tensor of global ``shape`` of which this rank holds the flat range of ``owned``
+        as ``local`` (1-D), as DCP should see it: a ``ShardedTensor`` whose local shards are
+        views of ``local``, one per box, with every shard rank's boxes in its metadata (the
+        replicas of a 2-D mesh record the same boxes, which DCP writes once); in a single
+        process, ``local`` in ``shape``."""
+        if not self.distributed:
+            return local.view(shape)
+        world, numel = len(self.shard_ranks), math.prod(shape)
+        properties = TensorProperties(dtype=local.dtype)
+        shards, everyone = [], []
+        for r, global_rank in enumerate(self.shard_ranks):
+            start, end = owned_range(numel, world, r)
+            for box in flat_range_boxes(shape, start, end):
+                md = ShardMetadata(
+                    list(box.offsets), list(box.sizes), f"rank:{global_rank}/{local.device}"
+                )
+                everyone.append(md)
+                if global_rank == self.comm.global_rank:
+                    view = local[box.start - owned.start : box.end - owned.start]
+                    shards.append(Shard(view.view(box.sizes), md))
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards,
+            ShardedTensorMetadata(everyone, torch.Size(shape), properties),
+            process_group=self.shard_group,
         )
 
     def agree(self, what: str, work: Callable[[], Any]) -> list:
@@ -266,7 +439,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _param_names(module: torch.nn.Module, opt: ShardedAdamW) -> dict[torch.Tensor, str]:
-    """Every optimizer parameter's name in the model, in param-group order."""
+    """Every optimizer parameter's name in the model (its first name, as torch's
+    ``get_state_dict`` writes it), in param-group order."""
     in_model = {p: n for n, p in module.named_parameters()}
     names = {}
     for gi, g in enumerate(opt.param_groups):
@@ -284,37 +458,25 @@ def _group_names(opt: ShardedAdamW, names: dict[torch.Tensor, str]) -> list[list
     return [[names[p] for p in g["params"]] for g in opt.param_groups]
 
 
-def _global(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A meta tensor with the global shape and dtype of state ``t`` of parameter ``p``."""
-    shape = () if t.ndim == 0 else (p.numel(),)
-    return torch.empty(shape, dtype=t.dtype, device="meta")
-
-
-def _describe(key: str) -> str:
-    kind, _, rest = key.partition("/")
-    if kind == "model":
-        return f"model entry {rest!r}"
-    name, _, state = rest.rpartition("/")
-    return f"optimizer state {state!r} of parameter {name!r}"
-
-
-def _check_tensors(where: Path, saved: dict, want: dict[str, torch.Tensor]) -> None:
+def _check_tensors(
+    where: Path, fmt: _Format, saved: dict, want: dict[str, tuple[tuple, torch.dtype, str]]
+) -> None:
     """Every tensor the model and optimizer need is in the checkpoint with the same shape and
-    dtype, and the checkpoint holds no model or optimizer tensor that they lack."""
+    dtype, and the checkpoint holds no model entry or optimizer state that they lack."""
     problems = []
-    for key, t in want.items():
+    for key, (shape, dtype, what) in want.items():
         md = saved.get(key)
         if not isinstance(md, TensorStorageMetadata):
-            problems.append(f"{_describe(key)} is not in the checkpoint")
-        elif tuple(md.size) != tuple(t.shape) or md.properties.dtype != t.dtype:
+            problems.append(f"{what} is not in the checkpoint")
+        elif tuple(md.size) != shape or md.properties.dtype != dtype:
             problems.append(
-                f"{_describe(key)} is {tuple(md.size)} {md.properties.dtype} in the checkpoint "
-                f"and {tuple(t.shape)} {t.dtype} here"
+                f"{what} is {tuple(md.size)} {md.properties.dtype} in the checkpoint "
+                f"and {shape} {dtype} here"
             )
     problems += [
-        f"{_describe(key)} is in the checkpoint but not here"
+        f"{fmt.describe(key)} is in the checkpoint but not here"
         for key in saved
-        if key.startswith(("model/", "optim/")) and key not in want
+        if fmt.is_tensor_entry(key) and key not in want
     ]
     if problems:
         shown = "\n  ".join(problems[:8]) + ("\n  ..." if len(problems) > 8 else "")
@@ -352,12 +514,20 @@ def _siblings(path: Path) -> tuple[Path, Path]:
 
 
 def _find(path: Path) -> Path | None:
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST).is_file() or _written_by_dcp_alone(path):
         return path
     _, old = _siblings(path)
     if not path.exists() and (old / MANIFEST).is_file():  # a save died between its renames
         return old
     return None
+
+
+def _written_by_dcp_alone(path: Path) -> bool:
+    """Whether ``path`` is a complete DCP checkpoint that ``save_checkpoint`` did not write
+    (DCP writes ``.metadata`` last, once every rank's files are complete)."""
+    if (path / MANIFEST).is_file() or not (path / ".metadata").is_file():
+        return False
+    return MARKER not in FileSystemReader(path).read_metadata().state_dict_metadata
 
 
 def _prepare(path: Path) -> None:
@@ -394,17 +564,28 @@ def _publish(path: Path, digests: dict[str, tuple[int, str]]) -> None:
         _fsync_dir(path.parent)
 
 
-def _verify(path: Path, ranks: _Ranks) -> Path:
-    """Find the checkpoint, check its manifest's format, and check this rank's share of its
-    files (existence, size, sha256). Returns the directory to read."""
+def _verify(path: Path, ranks: _Ranks) -> tuple[Path, _Format]:
+    """Find the checkpoint and its format, and check this rank's share of the files its
+    manifest lists (existence, size, sha256). Returns the directory to read and the format.
+    A checkpoint that DCP alone wrote has no manifest: DCP's metadata is its check."""
     where = _find(path)
     if where is None:
+        if (path / ".metadata").is_file():
+            raise CheckpointError(
+                f"{path} has no {MANIFEST}: a checkpoint of sharded-adamw that is incomplete "
+                "or damaged"
+            )
         if path.exists():
             raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete checkpoint")
         raise CheckpointError(f"no checkpoint at {path}")
+    if not (where / MANIFEST).is_file():
+        return where, _Format(old=False, ours=False)
     manifest = json.loads((where / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{where} is a {manifest.get('format')!r} checkpoint, not {FORMAT}")
+    if manifest.get("format") not in (FORMAT, OLD_FORMAT):
+        raise CheckpointError(
+            f"{where} is a {manifest.get('format')!r} checkpoint; this version of sharded-adamw "
+            f"reads {FORMAT} and {OLD_FORMAT}"
+        )
     files = sorted(manifest["files"])
     for name in files[ranks.index :: ranks.size]:
         f, entry = where / name, manifest["files"][name]
@@ -419,7 +600,7 @@ def _verify(path: Path, ranks: _Ranks) -> Path:
             raise CheckpointError(
                 f"checkpoint {where}: file {name} does not match its sha256 in the manifest"
             )
-    return where
+    return where, _Format(old=manifest["format"] == OLD_FORMAT, ours=True)
 
 
 def _digest(f: Path) -> tuple[int, str]:
@@ -450,8 +631,11 @@ def _from_bytes(blob: bytes) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns on every call without a process group; here a single process is intended."""
+def _quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group (here a single process is intended),
+    and on every ``ShardedTensor`` it meets (the one type that lets a rank hand DCP several
+    boxes of a tensor; DTensor cannot)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor")
         yield

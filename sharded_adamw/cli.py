@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=positive, default=20, help="training steps (default: %(default)s)"
     )
     ver.add_argument(
+        "--standalone",
+        action="store_true",
+        help="compare ShardedAdamW standalone (ZeRO-2, its own reduce-scatter hooks) instead "
+        "of attached to DDP",
+    )
+    ver.add_argument(
         "--world-size-check",
         action="store_true",
         help="fail unless run on at least 2 processes (a one-process run "
@@ -310,7 +316,7 @@ def _ddp(model: nn.Module, device: torch.device) -> DDP:
 # ---- verify ----------------------------------------------------------------------------------
 
 
-def verify(steps: int, device: torch.device) -> tuple[str, bool]:
+def verify(steps: int, device: torch.device, attach: bool = True) -> tuple[str, bool]:
     """Train both setups ``steps`` steps; return the comparison table and whether they agree.
     Collective: every rank must call it.
 
@@ -323,11 +329,12 @@ def verify(steps: int, device: torch.device) -> tuple[str, bool]:
     ref_model = SmallModel().to(device)
     model = copy.deepcopy(ref_model)
     ref_net = _ddp(ref_model, device)
-    net = _ddp(model, device)
+    net = _ddp(model, device) if attach else model
     lr = 1e-2
     ref_opt = torch.optim.AdamW(_groups(ref_model), lr=lr)
-    opt = ShardedAdamW(_groups(net.module), lr=lr)
-    opt.attach(net)
+    opt = ShardedAdamW(_groups(model), lr=lr)
+    if attach:
+        opt.attach(net)
     _train(ref_net, ref_opt, steps, device)
     _train(net, opt, steps, device)
     world = dist.get_world_size()
@@ -365,7 +372,8 @@ def verify(steps: int, device: torch.device) -> tuple[str, bool]:
         )
     summary = (
         f"verify: world size {world}, {steps} steps, {dist.get_backend()}, "
-        f"ShardedAdamW attached to DDP vs DDP + torch.optim.AdamW: {verdict}"
+        f"ShardedAdamW {'attached to DDP' if attach else 'standalone'} vs "
+        f"DDP + torch.optim.AdamW: {verdict}"
     )
     return f"{table}\n\n{summary}", not n_bad
 
@@ -481,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"argument --world-size-check: world size is {world}; "
                     "run under torchrun --nproc_per_node K with K >= 2"
                 )
-            text, ok = verify(args.steps, device)
+            text, ok = verify(args.steps, device, attach=not args.standalone)
             status = 0 if ok else 1
         else:
             if world % args.replicas:

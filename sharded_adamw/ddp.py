@@ -27,6 +27,25 @@ class _HookState:
         self.opt = opt
         self.routes: dict = {}
         self.last: Handle | None = None
+        self.syncing = False  # the last forward will reduce gradients in its backward
+        self.accumulators: list = []  # the AccumulateGrad nodes our release hooks sit on
+
+    def before_forward(self, ddp: DistributedDataParallel) -> None:
+        """Forward pre-hook: wait for reductions still running on DDP's buffers (on gloo the
+        hook averages them in place, and this forward's backward will refill them), and note
+        whether this backward synchronises (not under ``no_sync()`` or with
+        ``require_backward_grad_sync`` off)."""
+        self.opt._wait_pending()
+        self.syncing = torch.is_grad_enabled() and ddp.require_backward_grad_sync
+
+    def release(self, p: torch.Tensor, ddp: DistributedDataParallel) -> None:
+        """Post-hook on ``p``'s AccumulateGrad node, after DDP's own (registered first), which
+        has just copied ``p.grad`` into DDP's bucket: drop ``p.grad`` now, not when the whole
+        bucket is ready (DDP's first iteration has one bucket for the whole model)."""
+        if self.syncing and not ddp.static_graph and p.grad is not None:
+            b, i = self.opt._slot[p]
+            b.present[i] = True
+            p.grad = None
 
     def route(self, bucket: dist.GradBucket) -> tuple:
         """For a DDP bucket: its parameters, the (bucket, slot) of each in the optimizer, the
@@ -159,12 +178,16 @@ def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
     for h in opt._hooks:
         h.remove()
     opt._hooks.clear()
-    model.register_comm_hook(_HookState(opt), _reduce_scatter_hook)
+    state = _HookState(opt)
+    model.register_comm_hook(state, _reduce_scatter_hook)
     # DDP's reducer then leaves p.grad alone at the end of backward instead of copying its
     # bucket back into it (the optimizer-in-backward mode): the hook has released p.grad,
     # and only the optimizer's shards hold the averaged gradient.
     model.reducer._set_optimizer_in_backward()
-    # On gloo the hook averages DDP's buffer in place: the next forward (a second synced
-    # backward before step()) must not refill it while that reduction is still running.
-    opt._hooks.append(model.register_forward_pre_hook(lambda *_: opt._wait_pending()))
+    opt._hooks.append(model.register_forward_pre_hook(lambda *_: state.before_forward(model)))
+    with torch.enable_grad():
+        for p in trainable:
+            node = p.view_as(p).grad_fn.next_functions[0][0]  # p's AccumulateGrad
+            state.accumulators.append(node)
+            opt._hooks.append(node.register_hook(lambda *_, p=p: state.release(p, model)))
     opt._ddp = model

@@ -16,8 +16,9 @@ elements per rank in each shard buffer, so padding is exact for our layout.
   16 B per parameter. bf16/fp16: NOTES.md's row "bf16 / fp32 main grads, fp32 master": 2 param
   + 4 fp32 main grad + 4 fp32 master + 8 fp32 state = 18 B (the usual mixed-precision recipe;
   ``torch.optim.AdamW`` alone on a bf16 model would keep bf16 state instead).
-- ``attached``: ShardedAdamW attached to DDP (ZeRO-1). DDP keeps full-size gradients in the
-  parameter dtype; the optimizer keeps its averaged gradient shard (update dtype) and the
+- ``attached``: ShardedAdamW attached to DDP (ZeRO-1). DDP keeps its bucket buffers, one
+  full-size gradient in the parameter dtype (``p.grad`` itself is released once DDP has copied
+  it into its bucket); the optimizer keeps its averaged gradient shard (update dtype) and the
   sharded state. fp32: 4 + (4 + 4/d) + 8/d = 8 + 12/d. The textbook ZeRO-1 figure is
   8 + 8/d; the 4/d more is the gradient shard the optimizer holds (``grad_shard_bytes`` in
   ``ShardedAdamW.memory()``).
@@ -29,9 +30,28 @@ ShardedAdamW's parameters keep their own storage (no padding); its gradient shar
 counted padded (every tensor reserves ``ceil(n/d)`` elements per rank); its state counts
 ``exp_avg``, ``exp_avg_sq`` and, for bf16/fp16, the fp32 master weights (``master_weights=True``,
 the default). Not counted: the per-tensor ``step`` counters (4 B per tensor, in host memory for
-both optimizers), DDP's bucket buffers (counted as if ``gradient_as_bucket_view=True``; with DDP's
-default another gradient-sized buffer exists in every DDP row alike), activations, and transient
-communication buffers.
+both optimizers), DDP's bucket buffers in the ``ddp`` row (counted as if
+``gradient_as_bucket_view=True``; with DDP's default another gradient-sized buffer exists),
+activations, and transient communication buffers.
+
+Peak model (``estimate_peak``): the most bytes live at once during a step, above the bare model
+(parameters not counted), which is what ``sharded-adamw bench --peak-memory`` measures. Every
+buffer it counts is named in its ``parts``:
+
+- ``ddp`` (DDP with its default flags + ``torch.optim.AdamW``, foreach as on CUDA): ``p.grad``,
+  DDP's bucket buffers (as many bytes again), the state, and foreach AdamW's one state-sized
+  temporary (``exp_avg_sq.sqrt()``).
+- ``attached``: DDP's bucket buffers, the gradient shard, the state, the all-gather pool
+  (``gather_buffers`` slots of the largest bucket), and one gradient in flight (the largest
+  tensor's, released as soon as DDP has copied it); with a reduce dtype wider than the
+  parameters, two chunked staging buffers of one DDP bucket.
+- ``standalone``: the gradient shard, the state, the pool (whose slots also hold the
+  reduce-scatter inputs), and the full-size gradients in flight: one bucket's worth while it
+  fills, plus the largest tensor's gradient being produced.
+
+Measured against it at W = 4 on a 50.4M-parameter fp32 MLP (tests/test_peak_memory.py): within
+10% for the three rows; allocator overheads, activations and the per-tensor step counters are
+what is left out.
 
 Communication model: bytes each rank sends per step, and a lower bound on the time. Ranks are
 numbered node by node, ``gpus_per_node`` to a node, and a ``replicas x shard`` mesh puts a
@@ -64,7 +84,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .layout import chunk_size
+from .layout import chunk_size, plan_buckets
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 LOW_PRECISION = ("bf16", "fp16")  # kept with fp32 master weights and fp32 state
@@ -163,7 +183,7 @@ def estimate_memory(
         "attached": MemoryEstimate(
             f"ShardedAdamW attached to DDP (ZeRO-1, {d}-way)",
             P * pb,
-            P * pb + shard * ub,
+            P * pb + shard * ub,  # DDP's bucket buffers (p.grad is released) + the shard
             shard * state_per_elem,
             P,
         ),
@@ -172,6 +192,82 @@ def estimate_memory(
             P * pb,
             shard * ub,
             shard * state_per_elem,
+            P,
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class PeakEstimate:
+    """The most bytes one rank holds at once during a step, above the bare model, by part."""
+
+    setup: str
+    parts: dict[str, int]
+    numel: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def per_param(self) -> float:
+        return self.total / self.numel if self.numel else 0.0
+
+
+def _largest_bucket(sizes: dict[int, int], d: int, elem: int, cap_bytes: int) -> int:
+    """Padded elements of the largest of the optimizer's buckets (``layout.plan_buckets``)."""
+    order = [(0, (), n, elem) for n, c in sizes.items() for _ in range(c) if n]
+    buckets = plan_buckets(order, d, 0, cap_bytes)
+    return max((b.padded_numel for b in buckets), default=0)
+
+
+def estimate_peak(
+    sizes: Sizes,
+    world_size: int,
+    dtype: str = "fp32",
+    *,
+    replicas: int = 1,
+    reduce_dtype: str | None = None,
+    bucket_cap_mb: float = 25.0,
+    gather_buffers: int = 2,
+) -> dict[str, PeakEstimate]:
+    """Peak per-rank bytes above the bare model of ``ddp``, ``attached`` and ``standalone``
+    (see the module docstring for what each part is)."""
+    d = shard_size(world_size, replicas)
+    sizes = _sizes(sizes)
+    pb, ub = _dtype_bytes(dtype), DTYPE_BYTES[update_dtype(dtype)]
+    rb = DTYPE_BYTES[reduce_dtype or update_dtype(dtype)]
+    P, shard = numel(sizes), shard_numel(sizes, d)
+    largest = max((n for n, c in sizes.items() if c), default=0)
+    cap = int(bucket_cap_mb * 2**20)
+    bucket = _largest_bucket(sizes, d, rb, cap)
+    state = shard * (2 * ub + (ub if dtype in LOW_PRECISION else 0))
+    ddp_state = P * (2 * ub + (ub if dtype in LOW_PRECISION else 0))
+    attached = {
+        "DDP bucket buffers": P * pb,
+        "gradient shard": shard * ub,
+        "optimizer state": state,
+        "all-gather pool": gather_buffers * bucket * pb,
+        "gradient in flight": largest * pb,
+    }
+    if rb > pb:
+        ddp_bucket = min(P, cap // pb)
+        attached["reduce-scatter staging"] = 2 * ddp_bucket * rb
+    ddp = {"p.grad": P * pb, "DDP bucket buffers": P * pb}
+    if dtype in LOW_PRECISION:  # the fp32 master recipe of the memory rows
+        ddp["fp32 main gradients"] = P * ub
+    ddp |= {"optimizer state": ddp_state, "foreach temporary": P * ub}
+    return {
+        "ddp": PeakEstimate("DDP + torch AdamW (foreach)", ddp, P),
+        "attached": PeakEstimate(f"ShardedAdamW attached to DDP ({d}-way)", attached, P),
+        "standalone": PeakEstimate(
+            f"ShardedAdamW standalone ({d}-way)",
+            {
+                "gradient shard": shard * ub,
+                "optimizer state": state,
+                "pool (reduce-scatter and all-gather)": gather_buffers * bucket * max(pb, rb),
+                "gradients in flight": (bucket + largest) * pb,
+            },
             P,
         ),
     }
@@ -283,11 +379,14 @@ def counted_comm_bytes(
     reduce_dtype: str | None = None,
     standalone: bool = True,
     skip_nonfinite: bool = True,
+    backend: str = "nccl",
 ) -> dict[str, int]:
     """The byte counts of ``ShardedAdamW.comm_stats()`` after one ordinary step, on every rank.
 
-    Assumes an initialised process group (without one, nothing is all-reduced), every
-    parameter trainable and given a gradient, and a finite step. Besides the gradients and
+    Attached on gloo with a flat group and the reduce dtype equal to the parameter dtype, the
+    reduction is an in-place average of DDP's own (unpadded) buffers: its count is ``P * e``
+    instead of the padded reduce-scatter input. Assumes an initialised process group (without
+    one, nothing is all-reduced), every parameter trainable and given a gradient, and a finite step. Besides the gradients and
     parameters, ``step()`` all-reduces one float32 flag (non-finite gradient found) when
     ``skip_nonfinite``, plus, standalone, one "had a gradient" flag per tensor.
     """
@@ -296,6 +395,9 @@ def counted_comm_bytes(
     counts = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0, "all_reduce_bytes": 0}
     for c in schemes["hybrid" if replicas > 1 else "flat"].collectives:
         counts[c.kind.replace("-", "_") + "_bytes"] += c.counted_bytes
+    rdtype = reduce_dtype or update_dtype(dtype)
+    if not standalone and backend == "gloo" and replicas == 1 and rdtype == dtype:
+        counts["reduce_scatter_bytes"] = numel(sizes) * DTYPE_BYTES[dtype]
     if skip_nonfinite or standalone:
         flags = 1 + (sum(sizes.values()) if standalone else 0)
         groups = 2 if replicas > 1 else 1  # shard group, then replicate group
@@ -403,6 +505,28 @@ def render_estimate(
             ],
         )
     )
+    peaks = estimate_peak(sizes, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype)
+    out += [
+        "",
+        "## Peak per rank during a step, above the bare model",
+        "",
+        "What `sharded-adamw bench --peak-memory` measures (default bucket size and DDP flags, "
+        "2 all-gather buffers); every buffer counted is listed.",
+        "",
+        markdown_table(
+            ["setup", "peak", "B/param", "counted"],
+            [
+                [
+                    m.setup,
+                    format_bytes(m.total),
+                    f"{m.per_param:.2f}",
+                    "; ".join(f"{k} {format_bytes(v)}" for k, v in m.parts.items()),
+                ]
+                for m in peaks.values()
+            ],
+            text_columns=1,
+        ),
+    ]
     out += [
         "",
         f"## Communication per rank per step ({gpus_per_node} GPUs per node, intra-node "

@@ -198,6 +198,12 @@ def _real_step(rank: int, world: int) -> dict:
                 for p in model.parameters()
                 if p.grad is not None
             ),
+            "ddp_buckets": sum(  # DDP's own gradient buffers, as DDP reports them
+                b.buffer().numel() * b.buffer().element_size()
+                for b in net.reducer._get_zeros_like_grad_buckets()
+            )
+            if attach
+            else 0,
         }
     return out
 
@@ -231,9 +237,12 @@ def test_estimate_equals_what_a_real_step_holds_and_counts(real_steps, dtype, at
         est = est["attached" if attach else "standalone"]
         step_counters = 4 * len(r["sizes"])  # host memory, left out of the estimate
         assert est.state + step_counters == r["memory"]["state_allocated_bytes"], rank
-        assert est.grads == r["local_grads"] + r["memory"]["grad_shard_bytes"], rank
+        held = r["ddp_buckets"] + r["local_grads"] + r["memory"]["grad_shard_bytes"]
+        assert est.grads == held, rank
         assert est.params == r["param_storage"], rank
-        counted = counted_comm_bytes(r["sizes"], 4, dtype, replicas=replicas, standalone=not attach)
+        counted = counted_comm_bytes(
+            r["sizes"], 4, dtype, replicas=replicas, standalone=not attach, backend="gloo"
+        )
         stats = r["stats"]
         assert {k: stats[k] for k in counted} == counted, (rank, stats)
 
@@ -350,7 +359,7 @@ def test_report_subcommand_runs_as_one_process():
     assert "| optimizer state, allocated (with padding) |" in r.stdout
 
 
-def torchrun_verify(nproc: int, steps: int) -> subprocess.CompletedProcess:
+def torchrun_verify(nproc: int, steps: int, *extra: str) -> subprocess.CompletedProcess:
     """``sharded-adamw verify`` under torchrun with ``nproc`` gloo processes."""
     return subprocess.run(
         [
@@ -366,6 +375,7 @@ def torchrun_verify(nproc: int, steps: int) -> subprocess.CompletedProcess:
             "--steps",
             str(steps),
             "--world-size-check",
+            *extra,
         ],
         cwd=ROOT,
         capture_output=True,
@@ -383,10 +393,18 @@ def test_verify_under_torchrun_reports_bitwise_equality_at_world_size_2():
     assert r.stdout.count("| yes |") == n_params, r.stdout
 
 
-def test_verify_at_world_size_3_passes_within_the_stated_tolerance_and_says_why():
-    """At 3 ranks DDP's all-reduce and the reduce-scatter add in different orders: the run is
-    correct, parameters are bitwise equal or within 1e-5 relative, and the summary says so."""
+def test_verify_attached_on_gloo_is_bitwise_at_world_size_3():
+    """Attached on gloo, DDP's own buffer is averaged in place: DDP's bits at any W."""
     r = torchrun_verify(3, 5)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all parameters bitwise equal" in r.stdout, r.stdout
+
+
+def test_verify_at_world_size_3_passes_within_the_stated_tolerance_and_says_why():
+    """At 3 ranks DDP's all-reduce and the standalone reduce-scatter (a chunked buffer) add in
+    different orders: the run is correct, parameters are bitwise equal or within 1e-5
+    relative, and the summary says so."""
+    r = torchrun_verify(3, 5, "--standalone")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "(" in line]
     assert len(rows) == len(list(SmallModel().parameters())), r.stdout
