@@ -386,9 +386,10 @@ def counted_comm_bytes(
     Attached on gloo with a flat group and the reduce dtype equal to the parameter dtype, the
     reduction is an in-place average of DDP's own (unpadded) buffers: its count is ``P * e``
     instead of the padded reduce-scatter input. Assumes an initialised process group (without
-    one, nothing is all-reduced), every parameter trainable and given a gradient, and a finite step. Besides the gradients and
-    parameters, ``step()`` all-reduces one float32 flag (non-finite gradient found) when
-    ``skip_nonfinite``, plus, standalone, one "had a gradient" flag per tensor.
+    one, nothing is all-reduced), every parameter trainable and given a gradient, and a finite
+    step. Besides the gradients and parameters, ``step()`` all-reduces one float32 flag
+    (non-finite gradient found) when ``skip_nonfinite``, plus, standalone, one "had a
+    gradient" flag per tensor.
     """
     sizes = _sizes(sizes)
     schemes = comm_model(sizes, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype)
