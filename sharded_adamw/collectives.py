@@ -6,7 +6,13 @@ Nothing else in the package calls a collective. ``Comm`` resolves what the user 
 copies when there is a single process and no initialised group.
 
 ``reduce_scatter_single`` and ``all_gather_single`` are torch 2.13's names for
-``reduce_scatter_tensor`` and ``all_gather_into_tensor`` (the old names warn there).
+``reduce_scatter_tensor`` and ``all_gather_into_tensor`` (the old names warn there); the
+newest name this torch has is used, so the package runs on torch 2.6 and later.
+
+``SideChannel`` is the one exception to "collectives only here, on the training group": a
+private CPU gloo group and a store mailbox over which ``state_server.py`` sends shards point to
+point from a background thread, so that ``state_dict()`` is never a collective on the group
+training runs on.
 
 Byte counts: a reduce-scatter counts its full input, an all-gather its full output, and an
 all-reduce twice its buffer, because a ring all-reduce is a reduce-scatter followed by an
@@ -17,12 +23,18 @@ all-gather and sends as much as both. With these, one step of sharded AdamW coun
 
 from __future__ import annotations
 
+import datetime
 import pickle
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -141,9 +153,7 @@ class Comm:
         if not self.distributed:
             out.copy_(buf.view(-1))
             return self._then_replicate(None, out)
-        work = dist.reduce_scatter_single(
-            out, buf.view(-1), group=self.shard_group, async_op=async_op
-        )
+        work = _reduce_scatter_single(out, buf.view(-1), group=self.shard_group, async_op=async_op)
         return self._then_replicate(work, out)
 
     def _then_replicate(self, work, out: torch.Tensor) -> Handle:
@@ -165,19 +175,10 @@ class Comm:
         self._count("all_gather", gathered)
         if not self.distributed:
             return Handle(None, copy_out)
-        work = dist.all_gather_single(
+        work = _all_gather_single(
             gathered.view(-1), gathered[self.rank], group=self.shard_group, async_op=async_op
         )
         return Handle(work, copy_out)
-
-    def gather_shard(self, shard: torch.Tensor) -> torch.Tensor:
-        """The ``(world_size, numel)`` stack of every shard rank's ``shard`` (for state dicts)."""
-        out = torch.empty((self.world_size, shard.numel()), dtype=shard.dtype, device=shard.device)
-        if not self.distributed:
-            out[0].copy_(shard)
-            return out
-        dist.all_gather_single(out.view(-1), shard.contiguous(), group=self.shard_group)
-        return out
 
     # ---- small agreements ----------------------------------------------------------------
 
@@ -217,6 +218,90 @@ class Comm:
         """Return the counters so far and start new ones."""
         stats, self.stats = self.stats, CommStats()
         return stats
+
+
+class SideChannel:
+    """A CPU gloo group over the shard group's ranks and a store mailbox, private to one
+    optimizer: ``state_server`` moves state shards over it point to point, from a background
+    thread, without touching the process group that training uses.
+
+    Built at optimizer construction, collectively over the shard group only: shard rank 0's
+    random name (shared through the construction-time ``all_gather_object``) and the group's
+    global ranks make a store prefix no other optimizer, run or restart uses, and each member
+    creates a ``ProcessGroupGloo`` under it. It is not registered with ``torch.distributed``,
+    so ``destroy_process_group()`` neither waits for it nor destroys it under a serving thread.
+
+    The mailbox uses two more client connections to the job's ``TCPStore`` where there is one,
+    one for the serving thread's blocking waits and one for posting requests: a store client
+    serialises its calls, and a thread blocked waiting for a request must not hold up another
+    thread's store calls. With another kind of store it polls the default store.
+    """
+
+    TO_CALLER, TO_SERVER = 1, 2  # tags: server -> caller (header, data), caller -> server (go)
+
+    def __init__(self, comm: Comm, timeout: float):
+        name = comm.all_gather_object(uuid.uuid4().hex)[0]
+        self.ranks = dist.get_process_group_ranks(comm.shard_group)
+        self.rank, self.size, self.timeout = comm.rank, comm.world_size, timeout
+        prefix = f"sharded_adamw/{name}/{'_'.join(map(str, self.ranks))}"
+        base = dist.distributed_c10d._get_default_store()
+        self.pg = dist.ProcessGroupGloo(
+            dist.PrefixStore(prefix + "/gloo", base),
+            self.rank,
+            self.size,
+            datetime.timedelta(seconds=timeout),
+        )
+        tcp = base
+        while isinstance(tcp, dist.PrefixStore):
+            tcp = tcp.underlying_store
+        self.blocking = isinstance(tcp, dist.TCPStore)
+
+        def client() -> dist.Store:
+            if not self.blocking:
+                return dist.PrefixStore(prefix + "/mail", base)
+            own = dist.TCPStore(
+                tcp.host,
+                tcp.port,
+                is_master=False,
+                timeout=datetime.timedelta(seconds=timeout),
+                wait_for_workers=False,
+            )
+            return dist.PrefixStore(prefix + "/mail", own)
+
+        self.inbox, self.outbox = client(), client()  # the serving thread's, the callers'
+
+    def post(self, to: int, message: str) -> None:
+        """Append ``message`` to shard rank ``to``'s mailbox."""
+        n = self.outbox.add(f"{to}/n", 1)
+        self.outbox.set(f"{to}/{n}", message)
+
+    def take(self, n: int) -> str:
+        """Message number ``n`` (from 1) of this rank's mailbox; blocks until it is there."""
+        key = f"{self.rank}/{n}"
+        while True:
+            if self.blocking:
+                try:
+                    self.inbox.wait([key], datetime.timedelta(days=1))
+                except dist.DistStoreError as e:
+                    if "timeout" in str(e).lower():
+                        continue
+                    raise
+            elif not self.inbox.check([key]):
+                time.sleep(0.05)
+                continue
+            message = self.inbox.get(key).decode()
+            self.inbox.delete_key(key)
+            return message
+
+    def send(self, t: torch.Tensor, to: int, tag: int) -> dist.Work:
+        return self.pg.send([t], to, tag)
+
+    def recv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work:
+        return self.pg.recv([t], src, tag)
+
+    def wait(self, work: dist.Work) -> None:
+        """Wait at most ``timeout`` seconds; raises on a timeout or a closed connection."""
+        work.wait(datetime.timedelta(seconds=self.timeout))
 
 
 def completed_future(value: torch.Tensor) -> torch.futures.Future:
