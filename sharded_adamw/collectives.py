@@ -301,7 +301,8 @@ class SideChannel:
 
     def wait(self, work: dist.Work) -> None:
         """Wait at most ``timeout`` seconds; raises on a timeout or a closed connection."""
-        work.wait(datetime.timedelta(seconds=self.timeout))
+        if not work.wait(datetime.timedelta(seconds=self.timeout)):
+            raise TimeoutError(f"no answer within {self.timeout:g} s")
 
 
 def completed_future(value: torch.Tensor) -> torch.futures.Future:
