@@ -9,14 +9,14 @@ Lightning's own ``"ddp"`` strategy does three things that are wrong for ``Sharde
 - ``gradient_clip_val`` runs ``torch.nn.utils.clip_grad_norm_`` on ``p.grad`` from the
   precision plugin, and after a reduce-scatter ``p.grad`` is not the averaged gradient: the
   strategy's precision plugin clips a ``ShardedAdamW`` with ``ShardedAdamW.clip_grad_norm_``
-  (``gradient_clip_algorithm="norm"``). Clipping by value raises a clear error.
+  (``"norm"``) or clamps the shards (``"value"``), after unscaling under fp16.
 - fp16 mixed precision uses ``torch.amp.GradScaler``, which reads ``p.grad``: it is replaced by
   a ``ShardedGradScaler`` with the same state.
 
-Checkpoints need nothing of their own: Lightning's save calls ``optimizer_state`` on every
-rank (``state_dict()``, or for an optimizer with ``consolidate_state_dict`` that on every
-rank and ``state_dict()`` on rank 0 only) and rank 0 writes the full ``torch.optim.AdamW``
-state; on resume every rank reads the file and ``load_state_dict`` keeps its own slice.
+Checkpoints need nothing of their own: Lightning's ``optimizer_state`` treats an optimizer
+with ``consolidate_state_dict`` as sharded and calls ``state_dict()`` on global rank 0 only
+(not a collective for ``ShardedAdamW``), rank 0 writes the full ``torch.optim.AdamW``-format
+state, and on resume every rank reads the file and ``load_state_dict`` keeps its own slice.
 
 This module imports Lightning; nothing else in the package imports this module.
 """
@@ -24,6 +24,7 @@ This module imports Lightning; nothing else in the package imports this module.
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -61,19 +62,16 @@ def _route_clipping(plugin: Precision) -> None:
         gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
     ) -> None:
         opt = _sharded(optimizer)
-        if opt is None:
+        if opt is None or clip_val <= 0:
             return clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
-        if clip_val <= 0:
-            return None
-        if gradient_clip_algorithm != GradClipAlgorithmType.NORM:
-            raise MisconfigurationException(
-                "ShardedDDPStrategy: ShardedAdamW clips by norm only; use "
-                f"gradient_clip_algorithm='norm' (got {gradient_clip_algorithm!r})"
-            )
         scaler = getattr(plugin, "scaler", None)
         if scaler is not None:  # MixedPrecision leaves unscaling to an optimizer like ours
             scaler.unscale_(opt)
-        opt.clip_grad_norm_(clip_val)
+        if gradient_clip_algorithm == GradClipAlgorithmType.VALUE:
+            params = [p for group in opt.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_value_(params, clip_val)  # routed to the shards, exact
+        else:
+            opt.clip_grad_norm_(clip_val)
         return None
 
     plugin.clip_gradients = sharded_clip_gradients

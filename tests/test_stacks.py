@@ -189,19 +189,22 @@ def lightning_runs(tmp_path_factory) -> dict[str, dict]:
         out, ckpt = str(tmp / name / "out"), str(tmp / name)
         return [LIGHTNING, "--optimizer", optimizer, "--out", out, "--ckpt-dir", ckpt, *extra]
 
+    fp16_value = ("--fp16", "--gradient-clip-algorithm", "value", "--gradient-clip-val", "0.01")
     torchrun(
         {
             "sharded": launch("sharded", "sharded"),
             "adamw": launch("adamw", "adamw"),
             "unclipped": launch("unclipped", "sharded", "--gradient-clip-val", "0"),
+            "fp16_sharded": launch("fp16_sharded", "sharded", *fp16_value),
+            "fp16_adamw": launch("fp16_adamw", "adamw", *fp16_value),
+            "fp16_unclipped": launch("fp16_unclipped", "sharded", "--fp16"),
         },
         tmp,
     )
     halfway = str(tmp / "sharded" / "epoch=0.ckpt")
     torchrun({"resumed": launch("resumed", "sharded", "--resume", halfway)}, tmp)
-    return {
-        name: result(tmp / name / "out") for name in ("sharded", "adamw", "unclipped", "resumed")
-    }
+    names = ("sharded", "adamw", "unclipped", "resumed", "fp16_sharded", "fp16_adamw")
+    return {name: result(tmp / name / "out") for name in (*names, "fp16_unclipped")}
 
 
 def test_lightning_strategy_matches_ddp_with_adamw(lightning_runs):
@@ -216,6 +219,12 @@ def test_lightning_gradient_clip_val_clips_the_sharded_gradient(lightning_runs):
 
 def test_lightning_resumes_from_its_own_checkpoint(lightning_runs):
     assert_matches(lightning_runs["resumed"], lightning_runs["sharded"], "lightning, resumed")
+
+
+def test_lightning_fp16_loss_scaling_and_value_clipping_match_adamw(lightning_runs):
+    runs = lightning_runs
+    assert_matches(runs["fp16_sharded"], runs["fp16_adamw"], "lightning fp16 + value clip")
+    assert_clipping_matters(runs["fp16_unclipped"], runs["fp16_sharded"], "lightning fp16")
 
 
 # ---- a Hugging Face Trainer ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """A LightningModule trained the usual way: ``configure_optimizers`` returns the optimizer
 and an LR scheduler, the Trainer clips (``gradient_clip_val``), accumulates two batches per
-step, and ``ModelCheckpoint`` saves after every epoch; ``--resume`` continues from a saved
+step, and ``ModelCheckpoint`` saves after every epoch; ``--fp16`` adds 16-mixed precision
+with a loss scaler (on CPU, passed as a precision plugin); ``--resume`` continues from a saved
 checkpoint with ``trainer.fit(ckpt_path=...)``.
 
 The lines that differ between ``--optimizer sharded`` and ``--optimizer adamw``: the optimizer
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from sharded_adamw import ShardedAdamW
@@ -58,6 +60,8 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", required=True, help="ModelCheckpoint writes epoch=<e>.ckpt here")
     ap.add_argument("--resume", help="a checkpoint to continue from")
     ap.add_argument("--gradient-clip-val", type=float, default=0.5, help="0 disables clipping")
+    ap.add_argument("--gradient-clip-algorithm", choices=["norm", "value"], default="norm")
+    ap.add_argument("--fp16", action="store_true", help="16-mixed with a loss scaler")
     ap.add_argument("--max-epochs", type=int, default=2)
     args = ap.parse_args()
 
@@ -72,6 +76,8 @@ def main() -> None:
         strategy=ShardedDDPStrategy() if args.optimizer == "sharded" else "ddp",
         max_epochs=args.max_epochs,
         gradient_clip_val=args.gradient_clip_val,
+        gradient_clip_algorithm=args.gradient_clip_algorithm,
+        plugins=[MixedPrecision("16-mixed", "cpu")] if args.fp16 else None,
         accumulate_grad_batches=2,
         callbacks=[ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1)],
         logger=False,
