@@ -83,8 +83,6 @@ class ShardedDDPStrategy(DDPStrategy):
     and checkpoints its sharded gradients and state correctly. Takes ``DDPStrategy``'s
     arguments; ``Trainer(strategy=ShardedDDPStrategy(), accelerator=..., devices=...)``."""
 
-    strategy_name = "ddp_sharded_adamw"
-
     def setup(self, trainer: pl.Trainer) -> None:
         """DDP setup, then attach each ``ShardedAdamW`` to the DDP model before the first
         backward, and route the precision plugin's clipping and loss scaling to the shards."""

@@ -11,6 +11,10 @@ final parameters and loss. For each stack:
 - resuming from the checkpoint the sharded run wrote halfway gives its final parameters;
 - every rank ends with the same parameters.
 
+The models have no parameter whose gradient is only rounding noise (an attention key bias):
+Adam turns such noise into full-size steps, so the last-bit difference of the clipping norm
+(summed over shards in another order) would move it by ~1e-4 (README, "What to expect").
+
 Independent runs of a stack are launched side by side; each launch has a deadline, after
 which its whole process group is killed, so a hang fails the test in minutes.
 """
@@ -31,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 ABS_TOL, REL_TOL = 1e-5, 1e-6
 DEADLINE_S = 240.0
+DOUBLE_REDUCTION = "every gradient is reduced twice"  # ddp.py's warning when not attached
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
 
 
@@ -46,10 +51,11 @@ def _environment() -> dict[str, str]:
 def torchrun(launches: dict[str, list[str]], logs: Path) -> None:
     """Run each ``module args...`` of ``launches`` with ``torchrun --standalone
     --nproc_per_node 2`` (a free port each), all at once; fail with the log of each launch
-    that exits non-zero or is still running after ``DEADLINE_S``."""
+    that exits non-zero or is still running after ``DEADLINE_S``, and for each that warns
+    of DDP and ShardedAdamW both reducing the gradient."""
     procs = {}
     for name, (module, *args) in launches.items():
-        log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed below
+        log = open(logs / f"{name}.log", "w")  # closed below, once the launch ends
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += ["--nproc_per_node", "2", "-m", module, *args]
         proc = subprocess.Popen(
@@ -71,7 +77,9 @@ def torchrun(launches: dict[str, list[str]], logs: Path) -> None:
             proc.wait()
             rc = None
         log.close()
-        if rc != 0:
+        if rc == 0 and DOUBLE_REDUCTION in (logs / f"{name}.log").read_text():
+            failures.append(f"{name}: ShardedAdamW was not attached to the DDP model")
+        elif rc != 0:
             why = f"still running after {DEADLINE_S:.0f}s, killed" if rc is None else f"exit {rc}"
             tail = (logs / f"{name}.log").read_text()[-6000:]
             failures.append(f"{name}: {why}\n{tail}")
