@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -103,7 +104,7 @@ def save_checkpoint(
             state,
             storage_writer=FileSystemWriter(tmp),
             process_group=ranks.group,
-            no_dist=not ranks.distributed,
+            **_no_dist(dcp.save, ranks.distributed),
         )
 
     def hash_share() -> dict[str, tuple[int, str]]:
@@ -112,6 +113,13 @@ def save_checkpoint(
 
     digests = {f: d for share in ranks.agree("hashing", hash_share) for f, d in share.items()}
     ranks.agree("publishing", lambda: _publish(path, digests) if ranks.leader else None)
+
+
+def _no_dist(fn: Callable, distributed: bool) -> dict[str, bool]:
+    """``no_dist=`` for DCP's ``save``/``load`` where they take it (torch 2.6 has no such
+    argument and decides it from ``dist.is_initialized()``, which agrees with the optimizer
+    because an optimizer built before the process group refuses to step)."""
+    return {"no_dist": not distributed} if "no_dist" in inspect.signature(fn).parameters else {}
 
 
 def load_checkpoint(
@@ -149,7 +157,7 @@ def load_checkpoint(
             temp,
             storage_reader=FileSystemReader(where),
             process_group=ranks.group,
-            no_dist=not ranks.distributed,
+            **_no_dist(dcp.load, ranks.distributed),
         )
     meta = _from_bytes(temp["meta"])
     _check_groups(where, meta["param_groups"], _group_names(opt, names))
