@@ -1,100 +1,60 @@
-"""Measure bytes per parameter on each rank: DDP + AdamW against ShardedAdamW's modes.
+"""Peak memory per rank: DDP + AdamW, ZeroRedundancyOptimizer, DeepSpeed ZeRO-2 (if installed)
+and ShardedAdamW's modes, each alone on a 50.4M-parameter MLP (12 x Linear(2048, 2048)).
 
-Run: ``torchrun --standalone --nproc_per_node 2 examples/memory_table.py`` (or 4 ranks).
-Everything is counted from live tensors after ``backward()`` and before ``step()``, when
-gradients and optimizer state are both held: parameters, gradients (``p.grad``, plus the
-optimizer's gradient shards), optimizer state (plus fp32 master weights). DDP's own bucket
-buffers are not reachable from Python; they are the same size as the gradients for DDP +
-AdamW and for ShardedAdamW attached to DDP (the note under the table says so).
+Run (glibc must hand freed memory back to the kernel, or the CPU peak over-counts):
 
-The bf16 baseline is what a DDP user writes by hand: a bf16 model under DDP (bf16 gradients)
-and torch AdamW on an fp32 master copy with fp32 master gradients.
+    MALLOC_MMAP_THRESHOLD_=131072 torchrun --standalone --nproc_per_node 4 examples/memory_table.py
+
+Each setup trains 3 steps alone; its peak is the largest rank's, measured by the system
+(``sharded_adamw.peak``: the process's resident high-water mark on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA) above the bare model, in bytes per parameter,
+next to what ``sharded-adamw estimate``'s peak model predicts for it. The same table is
+``sharded-adamw bench --peak-memory``.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sharded_adamw import ShardedAdamW
+from sharded_adamw.bench import peak_markdown, peak_table
+from sharded_adamw.estimate import estimate_peak
+from sharded_adamw.peak import PeakMemory
 
-
-def nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Embedding(5003, 333), nn.Linear(333, 997), nn.LayerNorm(997))
-
-
-def run(mode: str, dtype: torch.dtype) -> dict:
-    net = model().to(dtype)
-    params = list(net.parameters())
-    x = torch.randint(0, 5003, (8, 4))
-    if mode == "DDP + AdamW":
-        ddp = DDP(net)
-        masters = params
-        if dtype != torch.float32:
-            masters = [nn.Parameter(p.detach().float()) for p in params]
-        opt = torch.optim.AdamW(masters)
-        ddp(x).float().square().mean().backward()
-        if masters is not params:
-            for m, p in zip(masters, params):
-                m.grad = p.grad.float()
-        opt.step()  # AdamW creates its state lazily: measure after one step
-        ddp(x).float().square().mean().backward()
-        if masters is not params:
-            for m, p in zip(masters, params):
-                m.grad = p.grad.float()
-        grads = nbytes(p.grad for p in params)
-        if masters is not params:
-            grads += nbytes(m.grad for m in masters)
-        state = nbytes(t for s in opt.state.values() for t in s.values())
-        if masters is not params:  # the fp32 master copy counts as optimizer state
-            state += nbytes(masters)
-        return {"params": nbytes(params), "grads": grads, "state": state}
-    opt = ShardedAdamW(params)
-    fwd = net
-    if mode == "ShardedAdamW attached":
-        fwd = DDP(net)
-        opt.attach(fwd)
-    fwd(x).float().square().mean().backward()
-    opt._finish_reduction()
-    mem = opt.memory()
-    grads = nbytes(p.grad for p in params) + mem["grad_shard_bytes"]
-    return {"params": nbytes(params), "grads": grads, "state": mem["state_allocated_bytes"]}
+SETUP = {  # bench contender -> estimate_peak row
+    "DDP + AdamW": "ddp",
+    "ShardedAdamW (attach)": "attached",
+    "ShardedAdamW (attach, bucket view)": "attached",
+    "ShardedAdamW (standalone)": "standalone",
+}
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    P = sum(p.numel() for p in model().parameters())
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for mode in ("DDP + AdamW", "ShardedAdamW attached", "ShardedAdamW standalone"):
-            r = run(mode, dtype)
-            total = r["params"] + r["grads"] + r["state"]
-            rows.append((str(dtype).split(".")[1], mode, r, total / P))
-    if rank == 0:
-        print(f"{P:,} parameters, world size {world}, bytes per parameter on rank 0 (measured)\n")
-        print("| dtype | setup | params | grads | optimizer state | total |")
-        print("|---|---|---:|---:|---:|---:|")
-        for dt, mode, r, per in rows:
-            print(
-                f"| {dt} | {mode} | {r['params'] / P:.2f} | {r['grads'] / P:.2f} "
-                f"| {r['state'] / P:.2f} | {per:.2f} |"
-            )
-        print("\nDDP's bucket buffers (one gradient's worth in the reduce dtype) come on top for")
-        print("DDP + AdamW and for ShardedAdamW attached; standalone ShardedAdamW has none.")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = device or torch.device("cpu")
+    world = dist.get_world_size()
+    rows = peak_table(2048, 12, 8, 3, device)
+    if dist.get_rank() == 0:
+        print(f"world size {world}, {dist.get_backend()}\n")
+        print(peak_markdown(rows, PeakMemory(device).method))
+        sizes = {2048 * 2048: 12, 2048: 12}
+        print("\n| setup | params | measured | estimate (sharded-adamw estimate) |")
+        print("|---|---|---:|---:|")
+        for name, dtype, value in rows:
+            if name in SETUP and isinstance(value, float):
+                est = estimate_peak(sizes, world, {"float32": "fp32", "bfloat16": "bf16"}[dtype])
+                print(f"| {name} | {dtype} | {value:.1f} | {est[SETUP[name]].per_param:.1f} |")
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

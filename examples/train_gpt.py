@@ -1,21 +1,28 @@
-"""Train a small character-level GPT twice, side by side: DDP + ShardedAdamW and DDP + AdamW.
+"""Train a small character-level GPT three times, side by side: ShardedAdamW attached to DDP,
+ShardedAdamW standalone, and DDP + AdamW.
 
     torchrun --standalone --nproc_per_node 2 examples/train_gpt.py   # two ranks (gloo on CPU)
     python examples/train_gpt.py                                     # one process
 
-Both copies start from the same weights, see the same batches on each rank (each rank reads
-its own slice of the corpus, as with ``DistributedSampler``) and follow the same parameter
-groups and warmup + cosine schedule. One is optimized by ``ShardedAdamW`` attached to DDP
-(gradients reduce-scattered into per-rank shards, state sharded), the other by
-``torch.optim.AdamW`` on a plain DDP model. At the end rank 0 prints every rank's memory for
-both, the largest difference between the two models' parameters, and writes a loss-curve PNG.
-During training, rank 0's progress bar shows both losses (mean over ranks) and the tokens per
-second of the ShardedAdamW run (all ranks together).
+The three copies start from the same weights, see the same batches on each rank (each rank
+reads its own slice of the corpus, as with ``DistributedSampler``) and follow the same
+parameter groups and warmup + cosine schedule. They are optimized by
 
-Both optimizers use the same implementation family (torch's default: the for-loop on CPU,
-foreach on CUDA), so the comparison is exact: on gloo the two models are designed to stay
-bitwise equal. There is no gradient clipping for the same reason: a norm summed over shards
-and one summed over whole parameters add the same numbers in another order.
+- ``ShardedAdamW`` attached to DDP (ZeRO-1): DDP's all-reduce becomes a reduce-scatter into
+  per-rank gradient shards, the optimizer state is sharded, DDP's bucket buffers stay;
+- ``ShardedAdamW`` standalone on the plain module (ZeRO-2): the optimizer's own hooks
+  reduce-scatter during backward and free ``p.grad``, so gradients are sharded too;
+- ``torch.optim.AdamW`` on a DDP model, the reference.
+
+At the end rank 0 prints every rank's memory for the three and what each ShardedAdamW mode
+saves, each mode's largest difference from the reference's parameters, and writes a loss-curve
+PNG. During training, rank 0's progress bar shows the three losses (mean over ranks) and the
+tokens per second of both ShardedAdamW runs (all ranks together).
+
+All optimizers use the same implementation family (torch's default: the for-loop on CPU,
+foreach on CUDA), so the comparison is exact: on gloo both ShardedAdamW models are designed to
+stay bitwise equal to the reference. There is no gradient clipping for the same reason: a norm
+summed over shards and one summed over whole parameters add the same numbers in another order.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from sharded_adamw import ShardedAdamW
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 HEADS = 4
 MIB = 2**20
+MODES = {"attached": "ZeRO-1", "standalone": "ZeRO-2"}  # ShardedAdamW's modes, their ZeRO stage
+REFERENCE = "DDP + AdamW"
 WEIGHT_DECAY = 0.1
 log = logging.getLogger("train_gpt")
 
@@ -178,7 +187,7 @@ def warmup_cosine(steps: int, warmup: int, floor: float = 0.1) -> Callable[[int]
     return factor
 
 
-# ---- the two runs ---------------------------------------------------------------------------
+# ---- the three runs -------------------------------------------------------------------------
 
 
 def nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -187,37 +196,46 @@ def nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
 
 
 class Run:
-    """One copy of the model under DDP with its optimizer and schedule, and what it measured."""
+    """One copy of the model with its optimizer and schedule, and what it measured.
+
+    ``mode`` is a key of ``MODES`` for ShardedAdamW (``"attached"``: on a DDP model;
+    ``"standalone"``: on the plain module, no DDP), or None for the reference, DDP +
+    ``torch.optim.AdamW``."""
 
     def __init__(
         self,
-        name: str,
+        mode: str | None,
         model: nn.Module,
         device: torch.device,
-        sharded: bool,
         args: argparse.Namespace,
     ):
-        self.name, self.model, self.sharded = name, model, sharded
-        self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.mode, self.model = mode, model
+        self.name = f"ShardedAdamW {mode}" if mode else REFERENCE
+        self.ddp = (
+            None
+            if mode == "standalone"
+            else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        )
         groups = param_groups(model, WEIGHT_DECAY)
         hyper = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
-        if sharded:
+        if mode:
             self.opt = ShardedAdamW(groups, **hyper, process_group=shard_mesh(args, device))
-            self.opt.attach(self.ddp)
+            if self.ddp is not None:
+                self.opt.attach(self.ddp)
         else:
             self.opt = torch.optim.AdamW(groups, **hyper)
         warmup = max(1, args.steps // 10)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(args.steps, warmup))
-        self.grad_bytes = 0
+        self.p_grad_bytes = 0
         self.seconds = 0.0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward, backward, optimizer and scheduler step; returns the detached local loss."""
         t0 = time.perf_counter()
-        logits = self.ddp(x)
+        logits = (self.ddp or self.model)(x)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
-        self.grad_bytes = nbytes(p.grad for p in self.model.parameters())
+        self.p_grad_bytes = nbytes(p.grad for p in self.model.parameters())
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -227,47 +245,57 @@ class Run:
         return loss.detach()
 
     def memory(self) -> dict[str, int]:
-        """This rank's bytes of parameters, gradients (``p.grad`` as DDP leaves it before the
-        step, plus ShardedAdamW's averaged gradient shards) and optimizer state."""
-        if self.sharded:
+        """This rank's bytes of parameters, gradients and optimizer state, counted from tensors.
+
+        Gradients are all the gradient storage: ``p.grad`` as left before the step, DDP's
+        bucket buffers (not visible from Python; they hold one gradient per trainable
+        parameter, so they are counted as those bytes) and ShardedAdamW's averaged gradient
+        shard."""
+        grads = self.p_grad_bytes
+        if self.ddp is not None:
+            grads += nbytes(p for p in self.model.parameters() if p.requires_grad)
+        if self.mode:
             m = self.opt.memory()
-            return {
-                "params": m["param_bytes"],
-                "grads": self.grad_bytes + m["grad_shard_bytes"],
-                "state": m["state_bytes"],
-            }
-        state = (t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t))
-        return {
-            "params": nbytes(self.model.parameters()),
-            "grads": self.grad_bytes,
-            "state": nbytes(state),
-        }
+            grads += m["grad_shard_bytes"]
+            state = m["state_bytes"]
+        else:
+            s = self.opt.state.values()
+            state = nbytes(t for st in s for t in st.values() if torch.is_tensor(t))
+        return {"params": nbytes(self.model.parameters()), "grads": grads, "state": state}
 
 
 # ---- report ---------------------------------------------------------------------------------
 
 
-def memory_table(per_rank: list[dict]) -> str:
-    """Each rank's MiB for both runs and the saving (DDP + AdamW bytes / ShardedAdamW bytes)."""
+def memory_table(per_rank: list[dict[str, dict[str, int]]]) -> str:
+    """Each rank's MiB for every run, then a saving row (DDP + AdamW bytes / mode bytes) for each
+    ShardedAdamW mode, so that the table shows what each mode saves."""
     cols = ("params", "grads", "state", "total")
-    lines = [f"{'memory per rank (MiB)':<28}" + "".join(f"{c:>10}" for c in cols)]
+    width = 36
+    lines = [f"{'memory per rank (MiB)':<{width}}" + "".join(f"{c:>10}" for c in cols)]
     for rank, mem in enumerate(per_rank):
         mem = {name: {**m, "total": sum(m.values())} for name, m in mem.items()}
         for name, m in mem.items():
             cells = "".join(f"{m[c] / MIB:>10.3f}" for c in cols)
-            lines.append(f"{f'rank {rank}  {name}':<28}{cells}")
-        ref, ours = mem["DDP + AdamW"], mem["ShardedAdamW"]
-        cells = "".join(f"{ref[c] / ours[c]:>9.2f}x" for c in cols)
-        lines.append(f"{f'rank {rank}  saving':<28}{cells}")
-    lines.append(
-        "grads: p.grad as DDP leaves it before step() (both runs; DDP's own bucket buffers not "
-        "counted), plus ShardedAdamW's averaged gradient shard"
-    )
+            lines.append(f"{f'rank {rank}  {name}':<{width}}{cells}")
+        ref = mem[REFERENCE]
+        for mode, stage in MODES.items():
+            ours = mem[f"ShardedAdamW {mode}"]
+            cells = "".join(f"{ref[c] / ours[c]:>9.2f}x" for c in cols)
+            lines.append(f"{f'rank {rank}  saving {mode} ({stage})':<{width}}{cells}")
+    lines += [
+        "Bytes held, counted from tensors. grads, as held after backward: p.grad, DDP's bucket",
+        "buffers (DDP + AdamW and attached; not visible from Python, counted as the bytes of the",
+        "trainable parameters' gradients) and ShardedAdamW's averaged gradient shard.",
+        "Attached (ZeRO-1) shards the optimizer state; standalone (ZeRO-2) shards the gradients",
+        "too. Peak memory, measured by the system: MALLOC_MMAP_THRESHOLD_=131072 torchrun",
+        '--standalone --nproc_per_node 4 examples/memory_table.py (README "Memory, measured").',
+    ]
     return "\n".join(lines)
 
 
 def plot_losses(losses: dict[str, list[float]], path: Path, world: int) -> None:
-    """Both loss curves on one chart; the second dashed so that it shows over an equal one."""
+    """All loss curves on one chart, each in its own line style so that equal curves all show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,8 +303,9 @@ def plot_losses(losses: dict[str, list[float]], path: Path, world: int) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (name, values), style in zip(losses.items(), ("-", "--")):
-        ax.plot(range(1, len(values) + 1), values, style, label=name)
+    styles = (("-", 3.0), ("--", 1.8), (":", 1.2))  # widest first, so later ones show on top
+    for (name, values), (style, width) in zip(losses.items(), styles):
+        ax.plot(range(1, len(values) + 1), values, style, linewidth=width, label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (mean over ranks)")
     ax.set_title(f"char-level GPT, {world} rank{'s' if world > 1 else ''}")
@@ -371,9 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         dist.get_backend(),
         device,
     )
-    sharded = Run("ShardedAdamW", copy.deepcopy(base), device, True, args)
-    reference = Run("DDP + AdamW", base, device, False, args)
-    runs = [sharded, reference]
+    runs = [Run(mode, copy.deepcopy(base), device, args) for mode in MODES]
+    runs.append(Run(None, base, device, args))
     losses: dict[str, list[float]] = {r.name: [] for r in runs}
     tokens_per_step = world * args.batch_size * args.seq_len
     stream = batches(data, args.batch_size, rank, world, args.seed)
@@ -386,47 +414,51 @@ def main(argv: list[str] | None = None) -> None:
             losses[name].append(value)
         bar.set_postfix(
             {
-                "loss": f"{losses[sharded.name][-1]:.4f}",
-                "adamw": f"{losses[reference.name][-1]:.4f}",
-                "tok/s": f"{tokens_per_step / sharded.seconds:,.0f}",
+                "loss att/sa/ref": "/".join(f"{v[-1]:.4f}" for v in losses.values()),
+                "tok/s att/sa": "/".join(
+                    f"{tokens_per_step / r.seconds:,.0f}" for r in runs if r.mode
+                ),
             }
         )
     bar.close()
 
+    reference = runs[-1]
+    diffs = {}
     with torch.no_grad():
-        pairs = list(zip(sharded.model.parameters(), reference.model.parameters()))
-        max_diff = max((p - q).abs().max().item() for p, q in pairs)
-        equal = all(torch.equal(p, q) for p, q in pairs)
+        for r in runs[:-1]:
+            pairs = list(zip(r.model.parameters(), reference.model.parameters()))
+            diffs[r.name] = (
+                max((p - q).abs().max().item() for p, q in pairs),
+                all(torch.equal(p, q) for p, q in pairs),
+            )
     mine = {
         "memory": {r.name: r.memory() for r in runs},
-        "max_diff": max_diff,
-        "equal": equal,
-        "comm": sharded.opt.comm_stats(),
+        "diffs": diffs,
+        "comm": {r.name: r.opt.comm_stats() for r in runs if r.mode},
     }
     every: list = [None] * world
     dist.all_gather_object(every, mine)
     if rank == 0:
-        print(
-            f"\nfinal loss (mean over ranks): ShardedAdamW {losses[sharded.name][-1]:.4f}, "
-            f"DDP + AdamW {losses[reference.name][-1]:.4f}"
-        )
+        final = ", ".join(f"{name} {values[-1]:.4f}" for name, values in losses.items())
+        print(f"\nfinal loss (mean over ranks): {final}")
         print(memory_table([m["memory"] for m in every]))
-        comm = every[0]["comm"]
-        print(
-            f"communication per step (rank 0): reduce-scatter "
-            f"{comm['reduce_scatter_bytes'] / MIB:.3f} MiB, all-gather "
-            f"{comm['all_gather_bytes'] / MIB:.3f} MiB"
-        )
-        for r, m in enumerate(every):
+        for name, comm in every[0]["comm"].items():
             print(
-                f"rank {r}: max |ShardedAdamW - AdamW| over parameters = {m['max_diff']:.3g}, "
-                f"bitwise equal: {m['equal']}"
+                f"communication per step (rank 0), {name}: reduce-scatter "
+                f"{comm['reduce_scatter_bytes'] / MIB:.3f} MiB, all-gather "
+                f"{comm['all_gather_bytes'] / MIB:.3f} MiB"
             )
+        for r, m in enumerate(every):
+            for name, (max_diff, equal) in m["diffs"].items():
+                print(
+                    f"rank {r}: max |{name} - AdamW| over parameters = {max_diff:.3g}, "
+                    f"bitwise equal: {equal}"
+                )
         plot_losses(losses, args.out, world)
         print(f"loss curve: {args.out}")
     # DDP and the optimizers hold the process group in reference cycles; a gloo group left to
     # the interpreter's teardown can abort the process at exit, so free them first.
-    del runs, sharded, reference, pairs
+    del runs, reference, pairs
     gc.collect()
     dist.destroy_process_group()
 

@@ -2,6 +2,8 @@
 
 from .accelerate_support import install_when_imported
 from .amp import ShardedGradScaler
+from .clip import install as _install_clip_routes
+from .ddp import watch_ddp
 from .layout import BucketLayout, ParamSlot, chunk_size, owned_range, plan_buckets
 from .optimizer import ShardedAdamW
 
@@ -34,3 +36,5 @@ def __getattr__(name: str):
 
 
 install_when_imported()
+_install_clip_routes()
+watch_ddp()

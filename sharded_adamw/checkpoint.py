@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -139,7 +140,7 @@ def save_checkpoint(
             state,
             storage_writer=FileSystemWriter(tmp),
             process_group=ranks.group,
-            no_dist=not ranks.distributed,
+            **_no_dist(dcp.save, ranks.distributed),
         )
 
     def hash_share() -> dict[str, tuple[int, str]]:
@@ -148,6 +149,13 @@ def save_checkpoint(
 
     digests = {f: d for share in ranks.agree("hashing", hash_share) for f, d in share.items()}
     ranks.agree("publishing", lambda: _publish(path, digests) if ranks.leader else None)
+
+
+def _no_dist(fn: Callable, distributed: bool) -> dict[str, bool]:
+    """``no_dist=`` for DCP's ``save``/``load`` where they take it (torch 2.6 has no such
+    argument and decides it from ``dist.is_initialized()``, which agrees with the optimizer
+    because an optimizer built before the process group refuses to step)."""
+    return {"no_dist": not distributed} if "no_dist" in inspect.signature(fn).parameters else {}
 
 
 def load_checkpoint(
@@ -239,7 +247,7 @@ def _read(where: Path, targets: dict[str, Any], ranks: _Ranks) -> None:
                 targets,
                 storage_reader=FileSystemReader(where),
                 process_group=ranks.group,
-                no_dist=not ranks.distributed,
+                **_no_dist(dcp.load, ranks.distributed),
             )
     except CheckpointException as e:
         raise CheckpointError(f"reading checkpoint {where} failed: {e}") from e

@@ -6,10 +6,19 @@ Nothing else in the package calls a collective. ``Comm`` resolves what the user 
 copies when there is a single process and no initialised group.
 
 ``reduce_scatter_single`` and ``all_gather_single`` are torch 2.13's names for
-``reduce_scatter_tensor`` and ``all_gather_into_tensor`` (the old names warn there).
+``reduce_scatter_tensor`` and ``all_gather_into_tensor`` (the old names warn there); the
+newest name this torch has is used, so the package runs on torch 2.6 and later.
 
-Byte counts: a reduce-scatter counts its full input, an all-gather its full output, and an
-all-reduce twice its buffer, because a ring all-reduce is a reduce-scatter followed by an
+``SideChannel`` is the one exception to "collectives only here, on the training group": a
+private CPU gloo group and a store mailbox over which ``state_server.py`` sends shards point to
+point from a background thread, so that ``state_dict()`` is never a collective on the group
+training runs on.
+
+Byte counts: a reduce-scatter counts its full input (also on gloo, where the averaging runs as
+an in-place all-reduce of that input, which is what gloo's reduce-scatter runs internally: the
+count is that of the reduce-scatter it stands for; the bench's dispatch counter sees the
+all-reduce and counts it twice), an all-gather its full output, and an all-reduce twice its
+buffer, because a ring all-reduce is a reduce-scatter followed by an
 all-gather and sends as much as both. With these, one step of sharded AdamW counts
 ``P * elem`` for the reduce-scatter and ``P * elem`` for the all-gather (plus padding): the
 ``2 * P * elem`` that DDP's all-reduce of the same gradients counts.
@@ -17,12 +26,18 @@ all-gather and sends as much as both. With these, one step of sharded AdamW coun
 
 from __future__ import annotations
 
+import datetime
 import pickle
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -198,19 +213,10 @@ class Comm:
         self._count("all_gather", gathered)
         if not self.distributed:
             return Handle(None, copy_out)
-        work = dist.all_gather_single(
+        work = _all_gather_single(
             gathered.view(-1), gathered[self.rank], group=self.shard_group, async_op=async_op
         )
         return Handle(work, copy_out)
-
-    def gather_shard(self, shard: torch.Tensor) -> torch.Tensor:
-        """The ``(world_size, numel)`` stack of every shard rank's ``shard`` (for state dicts)."""
-        out = torch.empty((self.world_size, shard.numel()), dtype=shard.dtype, device=shard.device)
-        if not self.distributed:
-            out[0].copy_(shard)
-            return out
-        dist.all_gather_single(out.view(-1), shard.contiguous(), group=self.shard_group)
-        return out
 
     # ---- small agreements ----------------------------------------------------------------
 
@@ -267,9 +273,92 @@ def _deliver(result: torch.Tensor, into: torch.Tensor, accumulate: bool) -> None
 
 
 def _reduce_scatter(out, inp, op, group, async_op):
-    """``reduce_scatter_single`` (torch >= 2.13's name) or ``reduce_scatter_tensor``."""
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(out, inp, op=op, group=group, async_op=async_op)
+    return _reduce_scatter_single(out, inp, op=op, group=group, async_op=async_op)
+
+
+class SideChannel:
+    """A CPU gloo group over the shard group's ranks and a store mailbox, private to one
+    optimizer: ``state_server`` moves state shards over it point to point, from a background
+    thread, without touching the process group that training uses.
+
+    Built at optimizer construction, collectively over the shard group only: shard rank 0's
+    random name (shared through the construction-time ``all_gather_object``) and the group's
+    global ranks make a store prefix no other optimizer, run or restart uses, and each member
+    creates a ``ProcessGroupGloo`` under it. It is not registered with ``torch.distributed``,
+    so ``destroy_process_group()`` neither waits for it nor destroys it under a serving thread.
+
+    The mailbox uses two more client connections to the job's ``TCPStore`` where there is one,
+    one for the serving thread's blocking waits and one for posting requests: a store client
+    serialises its calls, and a thread blocked waiting for a request must not hold up another
+    thread's store calls. With another kind of store it polls the default store.
+    """
+
+    TO_CALLER, TO_SERVER = 1, 2  # tags: server -> caller (header, data), caller -> server (go)
+
+    def __init__(self, comm: Comm, timeout: float, device: torch.device):
+        name = comm.all_gather_object(uuid.uuid4().hex, device)[0]
+        self.ranks = dist.get_process_group_ranks(comm.shard_group)
+        self.rank, self.size, self.timeout = comm.rank, comm.world_size, timeout
+        prefix = f"sharded_adamw/{name}/{'_'.join(map(str, self.ranks))}"
+        base = dist.distributed_c10d._get_default_store()
+        self.pg = dist.ProcessGroupGloo(
+            dist.PrefixStore(prefix + "/gloo", base),
+            self.rank,
+            self.size,
+            datetime.timedelta(seconds=timeout),
+        )
+        tcp = base
+        while isinstance(tcp, dist.PrefixStore):
+            tcp = tcp.underlying_store
+        self.blocking = isinstance(tcp, dist.TCPStore)
+
+        def client() -> dist.Store:
+            if not self.blocking:
+                return dist.PrefixStore(prefix + "/mail", base)
+            own = dist.TCPStore(
+                tcp.host,
+                tcp.port,
+                is_master=False,
+                timeout=datetime.timedelta(seconds=timeout),
+                wait_for_workers=False,
+            )
+            return dist.PrefixStore(prefix + "/mail", own)
+
+        self.inbox, self.outbox = client(), client()  # the serving thread's, the callers'
+
+    def post(self, to: int, message: str) -> None:
+        """Append ``message`` to shard rank ``to``'s mailbox."""
+        n = self.outbox.add(f"{to}/n", 1)
+        self.outbox.set(f"{to}/{n}", message)
+
+    def take(self, n: int) -> str:
+        """Message number ``n`` (from 1) of this rank's mailbox; blocks until it is there."""
+        key = f"{self.rank}/{n}"
+        while True:
+            if self.blocking:
+                try:
+                    self.inbox.wait([key], datetime.timedelta(days=1))
+                except dist.DistStoreError as e:
+                    if "timeout" in str(e).lower():
+                        continue
+                    raise
+            elif not self.inbox.check([key]):
+                time.sleep(0.05)
+                continue
+            message = self.inbox.get(key).decode()
+            self.inbox.delete_key(key)
+            return message
+
+    def send(self, t: torch.Tensor, to: int, tag: int) -> dist.Work:
+        return self.pg.send([t], to, tag)
+
+    def recv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work:
+        return self.pg.recv([t], src, tag)
+
+    def wait(self, work: dist.Work) -> None:
+        """Wait at most ``timeout`` seconds; raises on a timeout or a closed connection."""
+        if not work.wait(datetime.timedelta(seconds=self.timeout)):
+            raise TimeoutError(f"no answer within {self.timeout:g} s")
 
 
 def completed_future(value: torch.Tensor) -> torch.futures.Future:
@@ -286,12 +375,12 @@ def _all_gather_bytes(blob: bytes, device: torch.device, group) -> list[bytes]:
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
     sizes = torch.empty(world, dtype=torch.int64, device=device)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
-    dist.all_gather_single(sizes, size, group=group)
+    _all_gather_single(sizes, size, group=group)
     lengths = sizes.tolist()
     padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
     padded[: data.numel()] = data
     rows = torch.empty((world, max(lengths)), dtype=torch.uint8, device=device)
-    dist.all_gather_single(rows.view(-1), padded, group=group)
+    _all_gather_single(rows.view(-1), padded, group=group)
     rows = rows.cpu()
     return [bytes(rows[r, :n].tolist()) for r, n in enumerate(lengths)]
 

@@ -2,21 +2,41 @@
 
 DDP keeps doing what it does well (bucketing in C++, ``no_sync``, unused-parameter detection,
 the bucket rebuild after the first iteration); only the communication changes. The hook does
-not depend on DDP's bucket layout: each DDP bucket is cut per parameter by the same chunking
-rule as the optimizer's own buckets, so its reduce-scatter output is a list of per-parameter
-chunks that are copied into the optimizer's gradient shards wherever they live.
+not depend on DDP's bucket layout: each parameter's owned range (gloo) or chunk (NCCL) is
+routed to the optimizer's gradient shard wherever it lives.
 
-After the hook, ``p.grad`` still holds this rank's local, unreduced gradient: only the
-optimizer's shards hold the average (use ``ShardedAdamW.clip_grad_norm_``).
+Memory: DDP's bucket buffers hold the gradients; ``p.grad`` is released as soon as DDP has
+copied it into its bucket (a post-hook on the parameter's AccumulateGrad node, registered after
+DDP's own), and DDP's reducer is told not to copy its buckets back into ``p.grad`` at the end of
+backward. So after backward ``p.grad`` is None on every synchronising backward (under
+``no_sync()`` it accumulates as usual), and only the optimizer's shards hold the average;
+``torch.nn.utils.clip_grad_norm_`` is routed to them (``clip.py``).
+
+A standalone ``ShardedAdamW`` over the parameters of a DDP model would reduce-scatter what DDP
+has already all-reduced: twice the communication, no ZeRO-2 saving, and the average taken
+twice. ``watch_ddp()`` (run on import) therefore records every DDP model built after
+``import sharded_adamw`` and pairs it with the optimizer in either order: when the optimizer
+optimizes exactly the model's trainable parameters it is attached at once (DDP built before the
+optimizer: at the optimizer's construction; after it, as nanoGPT-style scripts do: at the end of
+DDP's constructor, before any backward); when they only overlap, or the model already has a
+comm hook, a warning names the fix. A DDP built before ``import sharded_adamw`` is not seen.
 """
+
+import logging
+import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 
+from . import registry
 from .collectives import Handle, completed_future
 from .optimizer import ShardedAdamW
+
+logger = logging.getLogger("sharded_adamw")
+_models: weakref.WeakSet = weakref.WeakSet()
 
 
 class _HookState:
@@ -102,27 +122,65 @@ def _reduce_scatter_hook(
     with record_function("sharded_adamw.reduce_scatter"):
         if in_place:
             handle = comm.average_in_place(buffer, async_op=True)
-        else:
-            if state.last is not None:  # FSDP2's rule: one pending staging buffer at most
-                state.last.wait()
-            width = sum(c.numel() for c in chunks)
-            staging = torch.empty(
-                (comm.world_size, width), dtype=reduce_dtype, device=buffer.device
+            deliver = lambda: _copy_or_add(  # noqa: E731
+                owned_dst, owned_src, [accumulate[j] for j in owned]
             )
-            out = torch.empty(width, dtype=reduce_dtype, device=buffer.device)
-            handle = comm.reduce_scatter_grads(bucket.gradients(), staging, out, False, True)
-
-    def to_shards() -> None:
-        if in_place:
-            _copy_or_add(owned_dst, owned_src, [accumulate[j] for j in owned])
+            state.last = handle.and_then(deliver)
+            opt._pending.append(state.last)
         else:
-            _copy_or_add(chunks, list(out.split([c.numel() for c in chunks])), accumulate)
-
+            grads = bucket.gradients()
+            for piece in _pieces(chunks, comm.world_size * reduce_dtype.itemsize, opt):
+                _reduce_scatter_piece(
+                    state,
+                    [grads[j] for j in piece],
+                    [chunks[j] for j in piece],
+                    [accumulate[j] for j in piece],
+                    reduce_dtype,
+                )
     for p in params:
         p.grad = None
-    state.last = handle.and_then(to_shards)
-    opt._pending.append(state.last)
     return completed_future(buffer)
+
+
+def _pieces(chunks: list[torch.Tensor], bytes_per_chunk_element: int, opt: ShardedAdamW):
+    """Runs of consecutive parameters whose staging buffer fits the optimizer's bucket cap (a
+    parameter larger than the cap is a run of its own). DDP's first iteration puts the whole
+    model in one bucket; staging it at once would hold a full gradient copy in the reduce
+    dtype."""
+    run, used = [], 0
+    for j, c in enumerate(chunks):
+        size = c.numel() * bytes_per_chunk_element
+        if run and used + size > opt._bucket_cap_bytes:
+            yield run
+            run, used = [], 0
+        run.append(j)
+        used += size
+    if run:
+        yield run
+
+
+def _reduce_scatter_piece(
+    state: _HookState,
+    grads: list[torch.Tensor],
+    chunks: list[torch.Tensor],
+    accumulate: list[bool],
+    reduce_dtype: torch.dtype,
+) -> None:
+    """Copy ``grads`` into a chunked staging buffer and reduce-scatter it into ``chunks`` (the
+    optimizer's shards), keeping one staging buffer pending at most (FSDP2's rule: the
+    previous piece's reduction is waited for, and its buffer freed, before the next one is
+    allocated; on NCCL that wait orders streams and does not block the host)."""
+    comm = state.opt._comm
+    if state.last is not None:
+        state.last.wait()
+    width = sum(c.numel() for c in chunks)
+    device = chunks[0].device
+    staging = torch.empty((comm.world_size, width), dtype=reduce_dtype, device=device)
+    out = torch.empty(width, dtype=reduce_dtype, device=device)
+    handle = comm.reduce_scatter_grads(grads, staging, out, False, True)
+    sizes = [c.numel() for c in chunks]
+    state.last = handle.and_then(lambda: _copy_or_add(chunks, list(out.split(sizes)), accumulate))
+    state.opt._pending.append(state.last)
 
 
 def _copy_or_add(dst: list[torch.Tensor], src: list[torch.Tensor], add: list[bool]) -> None:
@@ -144,6 +202,8 @@ def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
             "ShardedAdamW.attach() needs a torch.nn.parallel.DistributedDataParallel model, "
             f"got {type(model).__name__}"
         )
+    if opt._ddp is model:
+        return
     if opt._ddp is not None:
         raise RuntimeError("ShardedAdamW.attach(): this optimizer is already attached to a model")
     names = {p: n for n, p in model.module.named_parameters()}
@@ -191,3 +251,79 @@ def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
             state.accumulators.append(node)
             opt._hooks.append(node.register_hook(lambda *_, p=p: state.release(p, model)))
     opt._ddp = model
+
+
+def _pair(opt: ShardedAdamW, model: DistributedDataParallel) -> None:
+    """Attach ``opt`` to ``model`` if it optimizes exactly the model's trainable parameters;
+    warn if they only overlap (or the attach is refused)."""
+    if opt._ddp is not None or getattr(opt, "_ddp_warned", False):
+        return
+    trainable = {id(p) for p in model.parameters() if p.requires_grad and p.numel() > 0}
+    mine = {id(p) for p in opt._slot}
+    if not trainable & mine:
+        return
+    if trainable == mine:
+        try:
+            attach(opt, model)
+            logger.info(
+                "ShardedAdamW: attached to the DistributedDataParallel model over its "
+                "parameters (%d tensors)",
+                len(mine),
+            )
+            return
+        except (RuntimeError, ValueError) as e:
+            reason = f"attaching it automatically failed: {e}"
+    else:
+        reason = (
+            f"the optimizer has {len(mine)} parameter tensors, the model "
+            f"{len(trainable)} trainable ones, {len(trainable & mine)} shared"
+        )
+    opt._ddp_warned = True
+    warnings.warn(
+        "ShardedAdamW: parameters of this optimizer are also reduced by a "
+        "DistributedDataParallel model it is not attached to, so every gradient is reduced "
+        "twice (DDP's all-reduce, then the optimizer's reduce-scatter) and ZeRO-2 saves "
+        f"nothing; {reason}. Fix: opt.attach(ddp_model) with one ShardedAdamW over all of the "
+        "model's trainable parameters, or do not wrap the model in DDP",
+        stacklevel=3,
+    )
+
+
+def _on_optimizer_built(opt: ShardedAdamW) -> None:
+    """A DDP model built before the optimizer: find it among the recorded ones."""
+    models = [m for m in list(_models) if opt._ddp is None]
+    exact = [
+        m
+        for m in models
+        if {id(p) for p in m.parameters() if p.requires_grad and p.numel() > 0}
+        == {id(p) for p in opt._slot}
+    ]
+    if len(exact) > 1:  # two live wrappers of one model: which one trains is not ours to guess
+        warnings.warn(
+            f"ShardedAdamW: {len(exact)} DistributedDataParallel models wrap this optimizer's "
+            "parameters; call opt.attach(ddp_model) on the one you train",
+            stacklevel=4,
+        )
+        opt._ddp_warned = True
+        return
+    for model in models:
+        _pair(opt, model)
+
+
+def watch_ddp() -> None:
+    """Record every DDP model built from now on and pair it with the live optimizers
+    (idempotent)."""
+    if getattr(DistributedDataParallel.__init__, "_sharded_adamw", False):
+        return
+    init = DistributedDataParallel.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _models.add(self)
+        for opt in registry.live_optimizers():
+            _pair(opt, self)
+
+    recording_init._sharded_adamw = True
+    DistributedDataParallel.__init__ = recording_init
+    if _on_optimizer_built not in registry.on_optimizer_built:
+        registry.on_optimizer_built.append(_on_optimizer_built)

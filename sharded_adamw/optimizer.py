@@ -15,7 +15,6 @@ The data path of one training step, in order:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -24,8 +23,11 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
+from .clip import scale_by_norm, total_norm
 from .collectives import Comm, CommStats, Handle
 from .layout import BucketLayout, plan_buckets
+from .registry import check_late_process_group, optimizer_built
+from .state_server import StateServer, state_entries
 from .update import adamw_update
 
 logger = logging.getLogger("sharded_adamw")
@@ -342,6 +344,8 @@ class ShardedAdamW(Optimizer):
       NaN or inf (counted in ``skipped_steps``).
     - ``gather_buffers``: all-gathers in flight at once in ``step()``, each in a reusable
       buffer of the largest bucket's size (memory: that many buckets of parameters).
+    - ``state_dict_timeout``: seconds ``state_dict()`` waits for another rank's shards
+      before it raises naming that rank (see ``state_server``).
     """
 
     def __init__(
@@ -363,6 +367,7 @@ class ShardedAdamW(Optimizer):
         reduce_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = True,
         gather_buffers: int = 2,
+        state_dict_timeout: float = 300.0,
     ):
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -387,6 +392,7 @@ class ShardedAdamW(Optimizer):
         self._hooks: list = []
         self._pending: list[Handle] = []
         self._ddp = None
+        self._object_device = torch.device("cpu")
         self._no_sync = False
         self._local_pending = False  # local grads in p.grad that no reduce-scatter has taken
         self._reduced = False  # every bucket was reduce-scattered since the last step
@@ -407,6 +413,12 @@ class ShardedAdamW(Optimizer):
             decoupled_weight_decay=True,
         )
         super().__init__(params, defaults)
+        self._server = (
+            StateServer(self, self._comm, _state_buffers, state_dict_timeout)
+            if self._comm.distributed
+            else None
+        )
+        optimizer_built(self)
         if self._comm.global_rank == 0:
             logger.info(
                 "ShardedAdamW: world size %d (x%d replicas), %d buckets, %d elements owned "
@@ -489,6 +501,7 @@ class ShardedAdamW(Optimizer):
         device = next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
         if device.type == "cpu" and self._comm.backend == "nccl":  # NCCL moves no CPU tensor
             device = torch.device("cuda", torch.cuda.current_device())
+        self._object_device = device  # for later small agreements (the state server's)
         wrong = _current_device_mismatch(device)
         gathered = self._comm.all_gather_object((self._comm.global_rank, wrong, mine), device)
         for rank, problem, _ in gathered:
@@ -640,7 +653,6 @@ class ShardedAdamW(Optimizer):
                 k += len(bp)
         return t[0].item() > 0
 
-    @torch.no_grad()
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
     ) -> torch.Tensor:
@@ -649,33 +661,13 @@ class ShardedAdamW(Optimizer):
         ``torch.nn.utils.clip_grad_norm_``'s contract, computed on the reduced shards: each
         rank contributes the norm of its shards, one all-reduce (in float64) combines them,
         every rank gets the same total and scales only what it owns. As in torch, the total
-        and the clip coefficient have the gradients' dtype (the shards' dtype, promoted
-        across groups), so fp64 gradients are clipped to fp64 precision. Collective.
+        and the clip coefficient have the gradients' dtype. Collective. (Importing
+        ``sharded_adamw`` routes ``torch.nn.utils.clip_grad_norm_`` on this optimizer's
+        parameters here; see ``clip``.)
         """
-        self._finish_reduction()
-        norm_type = float(norm_type)
-        shards = [b.grad for b in self._buckets if b.has_grad]
-        device = self._buckets[0].device if self._buckets else torch.device("cpu")
-        if not shards:
-            return torch.zeros((), device=device)
-        dtype = functools.reduce(torch.promote_types, (s.dtype for s in shards))
-        norms = torch.stack([torch.linalg.vector_norm(s, norm_type).double() for s in shards])
-        if math.isinf(norm_type):
-            local = norms.max().reshape(1)
-            total = self._comm.all_reduce_(local, "max", shard_only=True)[0].to(dtype)
-        else:
-            local = norms.pow(norm_type).sum().reshape(1)
-            total = self._comm.all_reduce_(local, "sum", shard_only=True)[0]
-            total = total.pow(1.0 / norm_type).to(dtype)
-        if error_if_nonfinite and not torch.isfinite(total):
-            raise RuntimeError(
-                f"The total norm of order {norm_type} for gradients is non-finite, so it "
-                "cannot be clipped. To disable this error and scale the gradients by the "
-                "non-finite norm anyway, set `error_if_nonfinite=False`"
-            )
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(shards, coef.to(shards[0].device))
-        return total
+        norm = total_norm(self, norm_type, error_if_nonfinite)
+        scale_by_norm(self, max_norm, norm)
+        return norm
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -688,6 +680,7 @@ class ShardedAdamW(Optimizer):
                 loss = closure()
         if not self._buckets:
             return loss
+        check_late_process_group(self)
         for p in self._frozen:
             if p.grad is not None:
                 raise RuntimeError(
@@ -720,6 +713,9 @@ class ShardedAdamW(Optimizer):
                     self.skipped_steps,
                 )
             return loss
+        with self._state_lock():  # a state_dict() being served finishes first
+            if self._server is not None:
+                self._server.updates_started += 1
         self._pool.bind(self._buckets, staging=self._ddp is None)
         for bucket, bp in zip(self._buckets, present):
             if not any(bp):
@@ -758,12 +754,14 @@ class ShardedAdamW(Optimizer):
     # ---- state dicts -------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """``torch.optim.AdamW.state_dict()``'s format, full-shape tensors on CPU. Collective.
+        """``torch.optim.AdamW.state_dict()``'s format, full-shape tensors on CPU.
 
-        Built one bucket at a time: at peak a rank holds, on the parameters' device, one
-        bucket's gathered state (``world_size * shard`` elements per state tensor) besides
-        the CPU copies it returns. Low-precision parameters add their fp32 master weights
-        under ``master_param``.
+        Not a collective: any subset of ranks may call it, at any point between steps (one rank
+        alone, as in ``if rank == 0: torch.save(opt.state_dict())``, or all of them). The other
+        ranks' shards come from their serving threads (``state_server``), as of the last
+        completed step. The caller holds the result plus one shard; the other ranks hold
+        nothing extra. Low-precision parameters add their fp32 master weights under
+        ``master_param``.
         """
         index: dict = {}
         groups = []
@@ -772,19 +770,22 @@ class ShardedAdamW(Optimizer):
             index.update((p, start + j) for j, p in enumerate(g["params"]))
             packed = {k: v for k, v in g.items() if k != "params"}
             groups.append({**packed, "params": list(range(start, len(index)))})
-        state: dict = {}
-        for b in self._buckets:
-            full = {k: self._comm.gather_shard(t) for k, t in _state_buffers(b).items()}
-            steps = b.steps.tolist()
-            for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
-                if steps[i] == 0:  # torch creates state on a parameter's first update
-                    continue
-                entry = {"step": b.steps[i].detach().to("cpu", copy=True)}
-                for key, t in full.items():
-                    cols = t[:, slot.offset : slot.offset + slot.chunk]
-                    entry[key] = cols.reshape(-1)[: slot.numel].view(p.shape).to("cpu", copy=True)
-                state[index[p]] = entry
+        entries = state_entries(self._buckets, _state_buffers, self._server)
+        state = {index[p]: entry for p, entry in entries.items()}
         return {"state": state, "param_groups": groups}
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Accepted for ``ZeroRedundancyOptimizer`` compatibility; does nothing.
+
+        ``state_dict()`` works on any rank without a collective first, so the usual
+        ``opt.consolidate_state_dict(to=0)`` on every rank and ``state_dict()`` on rank ``to``
+        give the full state there (as do ``state_dict()`` calls on other ranks)."""
+        if not 0 <= to < max(self._comm.dp_size, 1):
+            raise ValueError(f"consolidate_state_dict(to={to}): no such rank")
+
+    def _state_lock(self) -> contextlib.AbstractContextManager:
+        """The lock that keeps a served ``state_dict()`` and a state change apart."""
+        return self._server.lock if self._server is not None else contextlib.nullcontext()
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict in ``torch.optim.AdamW``'s format, saved at any world size.
@@ -824,6 +825,10 @@ class ShardedAdamW(Optimizer):
                         f"{tuple(entry[key].shape)}, the parameter has {tuple(p.shape)}"
                     )
         entries = {p: state[pid] for pid, p in by_id.items() if pid in state}
+        with self._state_lock():
+            self._load_entries(entries, saved_groups)
+
+    def _load_entries(self, entries: dict, saved_groups: list) -> None:
         for g, sg in zip(self.param_groups, saved_groups):
             g.update({k: v for k, v in sg.items() if k not in RUNTIME_KEYS})
         for b in self._buckets:

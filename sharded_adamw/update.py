@@ -5,12 +5,24 @@ parameters gives the same bits as running it on the whole parameters, provided t
 the same bits, the step count and hyperparameters are the same, and the same implementation
 family (for-loop, foreach or fused) runs on both sides (see NOTES.md). Delegating keeps us
 exact and lets us inherit torch's fixes.
+
+Older torch (2.6 among them) keeps AdamW in its own function, ``torch.optim.adamw.adamw``;
+later releases compute it in ``adam`` with ``decoupled_weight_decay=True``. The one that
+``torch.optim.AdamW`` of the installed torch calls is used.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch.optim.adam import adam
+
+if "decoupled_weight_decay" in inspect.signature(adam).parameters:
+    _adamw = functools.partial(adam, decoupled_weight_decay=True)
+else:  # older torch
+    from torch.optim.adamw import adamw as _adamw
 
 
 def adamw_update(
@@ -29,7 +41,7 @@ def adamw_update(
     ``steps`` holds one step-count tensor per entry and is incremented in place, as in torch.
     """
     beta1, beta2 = group["betas"]
-    adam(
+    _adamw(
         params,
         grads,
         exp_avgs,
@@ -40,7 +52,6 @@ def adamw_update(
         fused=group["fused"],
         grad_scale=grad_scale,
         found_inf=found_inf,
-        decoupled_weight_decay=True,
         amsgrad=group["amsgrad"],
         beta1=beta1,
         beta2=beta2,

@@ -1,5 +1,6 @@
 """The example runs end to end: the launch script (README's first command, with a tiny model)
-on two gloo ranks, and the same script as one plain process."""
+on two gloo ranks, and the same script as one plain process. Both ShardedAdamW modes must end
+bitwise equal to DDP + AdamW and save what their ZeRO stage says."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "8", "--layers", "1", "--d-model", "32", "--seq-len", "32", "--batch-size", "4"]
+MODES = {"attached": "ZeRO-1", "standalone": "ZeRO-2"}  # ShardedAdamW's modes in the demo
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
 
 
@@ -31,7 +33,26 @@ def _assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_single_node_launch_trains_sharded_and_torch_adamw_to_the_same_bits(tmp_path):
+def _savings(out: str, rank: int) -> dict[str, list[float]]:
+    """Each ShardedAdamW mode's saving row of ``rank``: params, grads, state, total."""
+    savings = {}
+    for mode, stage in MODES.items():
+        row = re.search(rf"^rank {rank}  saving {mode} \({stage}\)\s+(.*)$", out, re.M)
+        assert row, out
+        savings[mode] = [float(cell.rstrip("x")) for cell in row[1].split()]
+    return savings
+
+
+def _assert_bitwise(out: str, ranks: range) -> None:
+    for rank in ranks:
+        for mode in MODES:
+            line = (
+                rf"^rank {rank}: max \|ShardedAdamW {mode} - AdamW\| .* = 0, bitwise equal: True$"
+            )
+            assert re.search(line, out, re.M), out
+
+
+def test_single_node_launch_trains_both_modes_and_torch_adamw_to_the_same_bits(tmp_path):
     png = tmp_path / "loss.png"
     proc = _run(
         ["bash", "launch/run_single_node.sh", *TINY, "--out", str(png)], NPROC="2", LOG_RANK="0"
@@ -40,12 +61,17 @@ def test_single_node_launch_trains_sharded_and_torch_adamw_to_the_same_bits(tmp_
     assert "+ torchrun --standalone --nproc_per_node 2 --local-ranks-filter 0 " in out
     assert "memory per rank (MiB)" in out
     for rank in (0, 1):
-        for row in ("ShardedAdamW", "DDP + AdamW", "saving"):
+        for row in ("ShardedAdamW attached", "ShardedAdamW standalone", "DDP + AdamW"):
             assert f"rank {rank}  {row} " in out
-        assert re.search(rf"^rank {rank}: max .* = 0, bitwise equal: True$", out, re.M), out
-    # columns params, grads, state, total: at world size 2 the optimizer state halves
-    state_saving = float(re.search(r"^rank 0  saving\s+\S+\s+\S+\s+(\S+)x", out, re.M)[1])
-    assert 1.9 < state_saving <= 2.0
+        savings = _savings(out, rank)
+        # columns params, grads, state, total: at world size 2 the optimizer state halves in
+        # both modes; standalone also shards the gradients, so it saves more in total
+        for params, _, state, _ in savings.values():
+            assert params == 1.0
+            assert 1.9 < state <= 2.0
+        assert savings["standalone"][3] > savings["attached"][3] > 1.0
+    _assert_bitwise(out, range(2))
+    assert "examples/memory_table.py" in out
     _assert_png(png)
 
 
@@ -53,7 +79,7 @@ def test_train_gpt_runs_as_one_plain_process(tmp_path):
     png = tmp_path / "loss.png"
     proc = _run([sys.executable, "examples/train_gpt.py", *TINY, "--out", str(png)])
     assert "world size 1" in proc.stderr
-    assert re.search(r"^rank 0: max .* = 0, bitwise equal: True$", proc.stdout, re.M)
+    _assert_bitwise(proc.stdout, range(1))
     assert "rank 1" not in proc.stdout
     _assert_png(png)
 
@@ -80,9 +106,6 @@ def test_multi_node_launch_with_hybrid_sharding_runs_on_one_node(tmp_path):
     assert "--rdzv-backend c10d" in proc.stdout
     assert "world size 4" in proc.stderr
     # hybrid sums each gradient as (a + b) + (c + d): close to DDP, not bitwise
-    diff = float(
-        re.search(
-            r"^rank 0: max \|ShardedAdamW - AdamW\| over parameters = (\S+),", proc.stdout, re.M
-        )[1]
-    )
-    assert diff < 1e-5
+    for mode in MODES:
+        line = rf"^rank 0: max \|ShardedAdamW {mode} - AdamW\| over parameters = (\S+),"
+        assert float(re.search(line, proc.stdout, re.M)[1]) < 1e-5

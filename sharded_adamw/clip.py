@@ -1,0 +1,226 @@
+"""Gradient clipping on the sharded gradient, and torch's clipping functions routed to it.
+
+After the reduce-scatter the averaged gradient lives only in each ``ShardedAdamW``'s gradient
+shards: standalone, ``p.grad`` is ``None`` (ZeRO-2); attached to DDP, ``p.grad`` holds this
+rank's local, unreduced gradient. ``torch.nn.utils.clip_grad_norm_`` on ``p.grad`` would then
+clip nothing, or clip the wrong tensor with a norm that differs per rank, in silence.
+
+So importing ``sharded_adamw`` wraps torch's functions where callers reach them
+(``torch.nn.utils.X`` and ``torch.nn.utils.clip_grad.X``, which is what scripts, Lightning's
+precision plugin and accelerate call): when the given parameters belong to a ``ShardedAdamW``
+the call is computed on its shards, with torch's formulas, and returns what torch returns (the
+global norm, the same on every rank); otherwise torch's own function runs unchanged.
+
+- ``clip_grad_norm_`` / ``clip_grads_with_norm_``: a norm over all shards (one all-reduce of a
+  scalar) and the same ``clamp(max_norm / (norm + 1e-6), max=1)`` scaling of what each rank owns.
+- ``clip_grad_value_``: an elementwise clamp, exact on shards.
+- ``get_total_norm(grads)`` takes gradients, not parameters: routed when every given tensor is
+  the ``.grad`` of a parameter of one ``ShardedAdamW``. After a synchronising backward
+  ``p.grad`` is ``None`` and the caller passes nothing, which cannot be told apart from no
+  gradient; the ``clip_grads_with_norm_`` that follows then raises, naming the fix
+  (``clip_grad_norm_``, routed, or ``opt.clip_grad_norm_``), instead of clipping nothing.
+
+Errors instead of a wrong answer: parameters of a ``ShardedAdamW`` mixed with parameters that
+have gradients and are not its own (or another optimizer's), or only some of its parameters.
+
+Not detectable: code that reads or scales ``p.grad`` by hand, and a reference taken with
+``from torch.nn.utils import clip_grad_norm_`` before ``sharded_adamw`` was imported. Use
+``opt.clip_grad_norm_`` there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.utils
+import torch.nn.utils.clip_grad as clip_grad_module
+
+from .registry import live_optimizers, owners
+
+if TYPE_CHECKING:
+    from .optimizer import ShardedAdamW
+
+
+@torch.no_grad()
+def total_norm(opt: ShardedAdamW, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
+    """The norm of the averaged gradient over all of ``opt``'s shards (collective: one
+    all-reduce of a scalar, in float64; every rank gets the same value). As in torch, it has
+    the gradients' dtype (the shards' dtype, promoted across groups), so fp64 gradients are
+    clipped to fp64 precision."""
+    opt._finish_reduction()
+    norm_type = float(norm_type)
+    shards = [b.grad for b in opt._buckets if b.has_grad]
+    device = opt._buckets[0].device if opt._buckets else torch.device("cpu")
+    if not shards:
+        return torch.zeros((), device=device)
+    dtype = functools.reduce(torch.promote_types, (s.dtype for s in shards))
+    norms = torch.stack([torch.linalg.vector_norm(s, norm_type).double() for s in shards])
+    if math.isinf(norm_type):
+        local = norms.max().reshape(1)
+        total = opt._comm.all_reduce_(local, "max", shard_only=True)[0].to(dtype)
+    else:
+        local = norms.pow(norm_type).sum().reshape(1)
+        total = opt._comm.all_reduce_(local, "sum", shard_only=True)[0]
+        total = total.pow(1.0 / norm_type).to(dtype)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the "
+            "non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+    total._sharded_adamw_norm = True  # clip_grads_with_norm_ accepts only norms made here
+    return total
+
+
+@torch.no_grad()
+def scale_by_norm(opt: ShardedAdamW, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale ``opt``'s gradient shards as ``clip_grads_with_norm_`` scales ``p.grad``."""
+    opt._finish_reduction()
+    shards = [b.grad for b in opt._buckets if b.has_grad]
+    if shards:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(shards, coef.to(shards[0].device))
+
+
+@torch.no_grad()
+def clamp_values(opt: ShardedAdamW, clip_value: float) -> None:
+    """Clamp ``opt``'s gradient shards to ``[-clip_value, clip_value]``, elementwise."""
+    opt._finish_reduction()
+    shards = [b.grad for b in opt._buckets if b.has_grad]
+    if shards:
+        torch._foreach_clamp_min_(shards, -float(clip_value))
+        torch._foreach_clamp_max_(shards, float(clip_value))
+
+
+def _owner(parameters: Iterable[torch.Tensor] | torch.Tensor, what: str) -> ShardedAdamW | None:
+    """The one ``ShardedAdamW`` that owns the given parameters, or ``None`` if none owns any;
+    raises where routing would clip only part of the gradient."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    own = owners(params)
+    found = {id(o): o for o in own.values() if o is not None}
+    if not found:
+        return None
+    if len(found) > 1:
+        raise RuntimeError(
+            f"torch.nn.utils.{what} was given parameters of {len(found)} different "
+            "ShardedAdamW optimizers; their gradients live in separate shards: call "
+            "opt.clip_grad_norm_(...) on each optimizer (or build one optimizer)"
+        )
+    opt = next(iter(found.values()))
+    foreign = [p for p in params if own[id(p)] is None and p.grad is not None]
+    if foreign:
+        p = foreign[0]
+        raise RuntimeError(
+            f"torch.nn.utils.{what} was given parameters of a ShardedAdamW together with "
+            f"{len(foreign)} parameter(s) it does not optimize (first: shape {tuple(p.shape)}); "
+            "the sharded gradient cannot be clipped jointly with plain p.grad: clip each set "
+            "separately (opt.clip_grad_norm_ for the ShardedAdamW's)"
+        )
+    given = {id(p) for p in params}
+    missing = [p for p in opt._slot if id(p) not in given]
+    if missing:
+        raise RuntimeError(
+            f"torch.nn.utils.{what} was given only some of a ShardedAdamW's parameters "
+            f"({opt._name(missing[0])} is missing); the sharded clip covers all of them: pass "
+            "all of the optimizer's parameters, or call opt.clip_grad_norm_(...)"
+        )
+    return opt
+
+
+def _route_clip_grad_norm_(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def clip_grad_norm_(
+        parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None
+    ) -> torch.Tensor:
+        if isinstance(parameters, Iterable) and not isinstance(parameters, torch.Tensor):
+            parameters = list(parameters)
+        opt = _owner(parameters, "clip_grad_norm_")
+        if opt is None:
+            return original(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+        norm = total_norm(opt, norm_type, error_if_nonfinite)
+        scale_by_norm(opt, float(max_norm), norm)
+        return norm
+
+    return clip_grad_norm_
+
+
+def _route_clip_grads_with_norm_(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> None:
+        if isinstance(parameters, Iterable) and not isinstance(parameters, torch.Tensor):
+            parameters = list(parameters)
+        opt = _owner(parameters, "clip_grads_with_norm_")
+        if opt is None:
+            return original(parameters, max_norm, total_norm, foreach)
+        if not getattr(total_norm, "_sharded_adamw_norm", False):
+            raise RuntimeError(
+                "torch.nn.utils.clip_grads_with_norm_ was given a ShardedAdamW's parameters "
+                "with a norm that was not computed from its sharded gradient (after backward "
+                "p.grad is None, so get_total_norm([p.grad ...]) sees no gradient and returns "
+                "0): use torch.nn.utils.clip_grad_norm_(parameters, max_norm) or "
+                "opt.clip_grad_norm_(max_norm), which compute the norm over the shards"
+            )
+        scale_by_norm(opt, float(max_norm), total_norm)
+
+    return clip_grads_with_norm_
+
+
+def _route_clip_grad_value_(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def clip_grad_value_(parameters, clip_value, foreach=None) -> None:
+        if isinstance(parameters, Iterable) and not isinstance(parameters, torch.Tensor):
+            parameters = list(parameters)
+        opt = _owner(parameters, "clip_grad_value_")
+        if opt is None:
+            return original(parameters, clip_value, foreach)
+        clamp_values(opt, clip_value)
+
+    return clip_grad_value_
+
+
+def _route_get_total_norm(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+        if isinstance(tensors, Iterable) and not isinstance(tensors, torch.Tensor):
+            tensors = list(tensors)
+        given = [tensors] if isinstance(tensors, torch.Tensor) else tensors
+        grad_of = {id(p.grad): p for o in live_optimizers() for p in o._slot if p.grad is not None}
+        params = [grad_of[id(t)] for t in given if id(t) in grad_of]
+        if not params:
+            return original(tensors, norm_type, error_if_nonfinite, foreach)
+        if len(params) != len(given):
+            raise RuntimeError(
+                "torch.nn.utils.get_total_norm was given gradients of a ShardedAdamW's "
+                "parameters (local, unreduced) mixed with other tensors; use "
+                "opt.clip_grad_norm_(float('inf')) for the norm of the averaged gradient"
+            )
+        opt = _owner(params, "get_total_norm")
+        return total_norm(opt, norm_type, error_if_nonfinite)
+
+    return get_total_norm
+
+
+_ROUTES = {
+    "clip_grad_norm_": _route_clip_grad_norm_,
+    "clip_grads_with_norm_": _route_clip_grads_with_norm_,
+    "clip_grad_value_": _route_clip_grad_value_,
+    "get_total_norm": _route_get_total_norm,
+}
+
+
+def install() -> None:
+    """Wrap torch's public clipping functions in ``torch.nn.utils`` and
+    ``torch.nn.utils.clip_grad`` (idempotent). Torch's own ``clip_grad_norm_`` calls its
+    private helpers, which stay unwrapped, so calls that are not routed run torch's code."""
+    for module in (torch.nn.utils, clip_grad_module):
+        for name, route in _ROUTES.items():
+            fn = getattr(module, name, None)
+            if fn is None or getattr(fn, "_sharded_adamw", False):
+                continue
+            wrapped = route(fn)
+            wrapped._sharded_adamw = True
+            setattr(module, name, wrapped)
