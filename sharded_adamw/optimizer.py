@@ -734,8 +734,19 @@ class ShardedAdamW(Optimizer):
         return loss
 
     def _after_step(self) -> None:
+        """A step consumes the averaged gradient: the next backward starts the shards afresh,
+        whether or not ``opt.zero_grad()`` is called (training loops such as HF ``Trainer``
+        call ``model.zero_grad()``, which cannot reach the shards). Unlike ``p.grad`` under
+        torch AdamW, the sharded gradient never carries over from one step to the next."""
         self._reduced = False
+        self._clear_grads()
         self._last_stats = self._comm.reset_stats()
+
+    def _clear_grads(self) -> None:
+        for bucket in self._buckets:
+            bucket.has_grad = False
+            bucket.present = [False] * len(bucket.params)
+            bucket.reduced = [False] * len(bucket.params)
 
     def _wait_pending(self) -> None:
         """Wait for (and deliver) every reduction in flight."""
@@ -746,10 +757,7 @@ class ShardedAdamW(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._wait_pending()  # reductions in flight belong to the discarded batch
         super().zero_grad(set_to_none=set_to_none)
-        for bucket in self._buckets:
-            bucket.has_grad = False
-            bucket.present = [False] * len(bucket.params)
-            bucket.reduced = [False] * len(bucket.params)
+        self._clear_grads()
 
     # ---- state dicts -------------------------------------------------------------------------
 

@@ -240,3 +240,32 @@ def test_profiler_trace_names_each_phase(world):
     for names in (rank["profile"] for rank in per_rank):
         for phase in ("reduce_scatter", "update", "all_gather"):
             assert f"sharded_adamw.{phase}" in names, names
+
+
+def _model_zero_grad_only(rank: int, world: int) -> dict:
+    """A loop that clears gradients with ``model.zero_grad()`` (as HF ``Trainer`` does), never
+    ``opt.zero_grad()``, against DDP + AdamW: a step consumes the sharded gradient."""
+    out = {}
+    for mode in ("attach", "standalone"):
+        torch.manual_seed(0)
+        ref = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
+        model = copy.deepcopy(ref)
+        ref_ddp, ref_opt = DDP(ref), torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        opt = ShardedAdamW(model.parameters(), lr=1e-2)
+        net = DDP(model) if mode == "attach" else model
+        if mode == "attach":
+            opt.attach(net)
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(4):
+            x = torch.randn(6, 7, generator=g)
+            for m, o, fwd in ((ref, ref_opt, ref_ddp), (model, opt, net)):
+                fwd(x).square().mean().backward()
+                o.step()
+                m.zero_grad()
+        out[mode] = all(torch.equal(p, q) for p, q in zip(ref.parameters(), model.parameters()))
+    return out
+
+
+def test_model_zero_grad_alone_starts_the_next_step_afresh_like_ddp_adamw():
+    for r in distributed.run(_model_zero_grad_only, 2):
+        assert r == {"attach": True, "standalone": True}, r
