@@ -44,7 +44,7 @@ buffer it counts is named in its ``parts``:
 - ``attached``: DDP's bucket buffers, the gradient shard, the state, the all-gather pool
   (``gather_buffers`` slots of the largest bucket), and one gradient in flight (the largest
   tensor's, released as soon as DDP has copied it); with a reduce dtype wider than the
-  parameters, two chunked staging buffers of one DDP bucket.
+  parameters, two chunked staging buffers of at most one bucket cap each.
 - ``standalone``: the gradient shard, the state, the pool (whose slots also hold the
   reduce-scatter inputs), and the full-size gradients in flight: one bucket's worth while it
   fills, plus the largest tensor's gradient being produced.
@@ -250,9 +250,8 @@ def estimate_peak(
         "all-gather pool": gather_buffers * bucket * pb,
         "gradient in flight": largest * pb,
     }
-    if rb > pb:
-        ddp_bucket = min(P, cap // pb)
-        attached["reduce-scatter staging"] = 2 * ddp_bucket * rb
+    if rb > pb:  # staged in pieces of at most one bucket cap, one piece pending
+        attached["reduce-scatter staging"] = 2 * min(cap, P * rb)
     ddp = {"p.grad": P * pb, "DDP bucket buffers": P * pb}
     if dtype in LOW_PRECISION:  # the fp32 master recipe of the memory rows
         ddp["fp32 main gradients"] = P * ub
