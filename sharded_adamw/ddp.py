@@ -25,6 +25,7 @@ comm hook, a warning names the fix. A DDP built before ``import sharded_adamw`` 
 import logging
 import warnings
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import registry
 from .collectives import Handle, completed_future
-from .optimizer import ShardedAdamW
+
+# The optimizer calls into this module (``attach``); here its class is only a type hint, quoted
+# because DDP reads the comm hook's annotations at runtime (no ``from __future__ import
+# annotations`` in this module).
+if TYPE_CHECKING:
+    from .optimizer import ShardedAdamW
 
 logger = logging.getLogger("sharded_adamw")
 _models: weakref.WeakSet = weakref.WeakSet()
@@ -43,7 +49,7 @@ class _HookState:
     """The optimizer, the routes from each DDP bucket to the optimizer's gradient shards
     (rebuilt when DDP rebuilds its buckets), and the one reduction this hook keeps pending."""
 
-    def __init__(self, opt: ShardedAdamW):
+    def __init__(self, opt: "ShardedAdamW"):
         self.opt = opt
         self.routes: dict = {}
         self.last: Handle | None = None
@@ -142,7 +148,7 @@ def _reduce_scatter_hook(
     return completed_future(buffer)
 
 
-def _pieces(chunks: list[torch.Tensor], bytes_per_chunk_element: int, opt: ShardedAdamW):
+def _pieces(chunks: list[torch.Tensor], bytes_per_chunk_element: int, opt: "ShardedAdamW"):
     """Runs of consecutive parameters whose staging buffer fits the optimizer's bucket cap (a
     parameter larger than the cap is a run of its own). DDP's first iteration puts the whole
     model in one bucket; staging it at once would hold a full gradient copy in the reduce
@@ -195,7 +201,7 @@ def _copy_or_add(dst: list[torch.Tensor], src: list[torch.Tensor], add: list[boo
         torch._foreach_add_(*pick(True))
 
 
-def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
+def attach(opt: "ShardedAdamW", model: torch.nn.Module) -> None:
     """Register the reduce-scatter comm hook on ``model``; see ``ShardedAdamW.attach``."""
     if not isinstance(model, DistributedDataParallel):
         raise TypeError(
@@ -253,7 +259,7 @@ def attach(opt: ShardedAdamW, model: torch.nn.Module) -> None:
     opt._ddp = model
 
 
-def _pair(opt: ShardedAdamW, model: DistributedDataParallel) -> None:
+def _pair(opt: "ShardedAdamW", model: DistributedDataParallel) -> None:
     """Attach ``opt`` to ``model`` if it optimizes exactly the model's trainable parameters;
     warn if they only overlap (or the attach is refused)."""
     if opt._ddp is not None or getattr(opt, "_ddp_warned", False):
@@ -289,7 +295,7 @@ def _pair(opt: ShardedAdamW, model: DistributedDataParallel) -> None:
     )
 
 
-def _on_optimizer_built(opt: ShardedAdamW) -> None:
+def _on_optimizer_built(opt: "ShardedAdamW") -> None:
     """A DDP model built before the optimizer: find it among the recorded ones."""
     models = [m for m in list(_models) if opt._ddp is None]
     exact = [

@@ -1,5 +1,6 @@
 """``sharded-adamw bench``: the side-by-side run under torchrun, the table and its ratios, the
-byte counting rules, and the update-bandwidth mode."""
+byte counting rules, the update-bandwidth mode and the entry points (``python -m``, the CLI).
+The copy-byte mode has its own tests (``test_copy_bytes.py``)."""
 
 from __future__ import annotations
 
@@ -247,9 +248,17 @@ def test_bench_arguments_quick_sizes_and_only():
     )
     assert args.size_names == ["small", "medium", "large"]
     assert args.contenders == ["DDP + AdamW", "FSDP2 (no reshard after fwd)"]
+    assert bench.parse_args(["--copy-bytes"]).copy_bytes
     for bad in (["--sizes", "huge"], ["--only", "nope"], ["--warmup", "-1"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+
+
+def test_python_m_sharded_adamw_bench_runs_the_same_command_line():
+    cmd = [sys.executable, "-m", "sharded_adamw.bench", "--help"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--copy-bytes" in proc.stdout and "--peak-memory" in proc.stdout
 
 
 def test_cli_forwards_bench_arguments_unparsed_and_still_rejects_unknown_ones_elsewhere():

@@ -1,0 +1,119 @@
+"""The package's import graph, read from the source with ``ast``: no module imports in a circle,
+and the core (layout, update, collectives, optimizer) never imports an integration, the command
+line or the benchmark.
+
+Only imports that run when a module is imported count: those at module level and in class
+bodies. Imports inside functions (``ShardedAdamW.attach`` loads ``ddp`` when called) and under
+``if TYPE_CHECKING:`` (type hints only) do not. A submodule's implicit import of its parent
+package does not count either, as in import-linter and grimp.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import sharded_adamw
+
+PACKAGE = Path(sharded_adamw.__file__).parent
+CORE = ["layout", "update", "collectives", "optimizer"]
+EDGE = ["ddp", "accelerate_support", "lightning", "checkpoint", "cli", "bench"]
+
+
+def module_name(path: Path) -> str:
+    parts = ["sharded_adamw", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def import_time_statements(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements of ``body`` that run when the module is imported."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    for node in body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        elif isinstance(node, ast.If):
+            if not _is_type_checking(node.test):
+                found += import_time_statements(node.body)
+            found += import_time_statements(node.orelse)
+        elif isinstance(node, ast.Try):
+            for block in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
+                found += import_time_statements(block)
+        elif isinstance(node, ast.With | ast.ClassDef):
+            found += import_time_statements(node.body)
+    return found
+
+
+def imports_of(name: str) -> set[str]:
+    """The package's modules that module ``name`` imports at import time."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in import_time_statements(ast.parse(path.read_text()).body):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in MODULES}
+            continue
+        if node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+        else:
+            target = node.module or ""
+        for alias in node.names:
+            sub = f"{target}.{alias.name}"
+            if sub in MODULES:
+                out.add(sub)
+            elif target in MODULES:
+                out.add(target)
+    return out - {name}
+
+
+GRAPH = {name: imports_of(name) for name in MODULES}
+
+
+def reachable(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in GRAPH[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_graph_is_read_from_every_module_of_the_package_and_its_subpackages():
+    assert {"sharded_adamw.optimizer", "sharded_adamw.ddp", "sharded_adamw.bench"} <= set(GRAPH)
+    assert {"sharded_adamw.registry", "sharded_adamw.collectives"} <= GRAPH["sharded_adamw.ddp"]
+    assert "sharded_adamw.optimizer" in GRAPH["sharded_adamw.bench.contenders"]
+
+
+def test_type_checking_blocks_and_function_level_imports_do_not_count():
+    # optimizer.attach imports ddp inside the method; ddp needs ShardedAdamW for hints only
+    assert "sharded_adamw.ddp" not in GRAPH["sharded_adamw.optimizer"]
+    assert "sharded_adamw.optimizer" not in GRAPH["sharded_adamw.ddp"]
+
+
+def test_no_module_imports_in_a_circle():
+    circles = {
+        name: sorted(m for m in reachable(name) if name in reachable(m))
+        for name in GRAPH
+        if name in reachable(name)
+    }
+    assert not circles, circles
+
+
+def test_the_core_never_imports_an_integration_the_cli_or_the_bench():
+    for core in CORE:
+        name = f"sharded_adamw.{core}"
+        edge = {
+            m
+            for m in reachable(name)
+            if any(m == f"sharded_adamw.{e}" or m.startswith(f"sharded_adamw.{e}.") for e in EDGE)
+        }
+        assert not edge, (name, sorted(edge))
