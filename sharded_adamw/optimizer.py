@@ -15,8 +15,10 @@ The data path of one training step, in order:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
+from array import array
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -34,6 +36,11 @@ logger = logging.getLogger("sharded_adamw")
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# torch.optim.AdamW's param groups carry ``decoupled_weight_decay`` from torch 2.7 on (AdamW
+# became Adam with that flag); before, they do not, and a state dict must match either way.
+TORCH_ADAMW_HAS_DECOUPLED_KEY = (
+    "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
+)
 # Param-group keys that say how this job runs the update rather than where training is: a
 # load keeps the loading optimizer's values, which match where construction put the step
 # tensors (on the parameters' device for fused, on the CPU otherwise).
@@ -104,6 +111,8 @@ class ShardBucket:
         self.has_grad = False
         step_device = self.device if group["fused"] else torch.device("cpu")
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=step_device)
+        self._step_counts = array("f", [0.0] * len(params))  # see step_counts()
+        self._steps_version = self.steps._version
         self.present = [False] * len(params)
         self.reduced = [False] * len(params)  # attached: a reduction reached this slot
         self.ready = 0  # gradients that arrived in the current backward
@@ -164,7 +173,8 @@ class ShardBucket:
 
         The optimizer's own copy-out writes through ``p.data``, which does not bump
         ``p._version``; any other in-place write does. A write of the same values (resuming
-        from a checkpoint that also restores the masters) keeps the fp32 masters."""
+        from a checkpoint that also restores the masters) keeps the fp32 masters. The
+        comparison is decided on the device (``torch.where``), so it never waits for it."""
         versions = [p._version for p in self.params]
         if self.master is None or versions == self._versions:
             self._versions = versions
@@ -172,8 +182,8 @@ class ShardBucket:
         for i, (p, slot) in enumerate(zip(self.params, self.layout.slots)):
             if versions[i] != self._versions[i]:
                 master, current = self.views(self.master, i), _flat(p)[slot.start : slot.end]
-                if not torch.equal(master.to(p.dtype), current):
-                    master.copy_(current)
+                differs = (master.to(p.dtype) != current).any()
+                master.copy_(torch.where(differs, current, master))
         self._versions = versions
 
     def bound(self) -> bool:
@@ -229,7 +239,8 @@ class ShardBucket:
         if group["amsgrad"] and self.max_exp_avg_sq is None:
             self.max_exp_avg_sq = self._zeros(layout.shard_numel)
         vmax = [self.max_exp_avg_sq] if group["amsgrad"] else []
-        if all(present) and bool((self.steps == self.steps[0]).all()):
+        counts = self.step_counts()
+        if all(present) and counts.count(counts[0]) == len(counts):
             adamw_update(
                 [shard],
                 [self.grad],
@@ -240,6 +251,7 @@ class ShardBucket:
                 group,
             )
             self.steps[1:] += 1
+            self._step_counts = array("f", [counts[0] + 1]) * len(counts)
         else:
             idx = [i for i, ok in enumerate(present) if ok]
             cut = lambda t: [self.views(t, i, owned_only=False) for i in idx]  # noqa: E731
@@ -252,8 +264,32 @@ class ShardBucket:
                 [self.steps[i] for i in idx],
                 group,
             )
+            for i in idx:
+                counts[i] += 1  # stored as float32, as on the step tensors
+        self._steps_version = self.steps._version
         if self.master is not None:
             gathered[self.rank].copy_(self.master)
+
+    def step_counts(self) -> array:
+        """The step counts of ``steps`` on the host, read without a device sync per step.
+
+        ``steps`` may live on the device (``fused``), so the uniform-step test in ``update``
+        reads this float32 mirror instead; ``update`` advances both together. Every other
+        in-place write to ``steps`` or to one of its views (``load_steps``, checkpoint loading
+        through ``opt.state[p]["step"]``, a user's ``opt.state[p]["step"].fill_(n)``) bumps
+        the version counter that views share with ``steps``, and the mirror is then read
+        back once. A write through ``.data`` bumps no version counter and is not seen (as
+        for the parameters in ``sync_masters``)."""
+        if self.steps._version != self._steps_version:
+            self._step_counts = array("f", self.steps.tolist())
+            self._steps_version = self.steps._version
+        return self._step_counts
+
+    def load_steps(self, counts: list[float]) -> None:
+        """Set every slot's step count (one write), keeping the host mirror current."""
+        self.steps.copy_(torch.tensor(counts, dtype=torch.float32))
+        self._step_counts = array("f", counts)
+        self._steps_version = self.steps._version
 
     def state_of(self, i: int) -> dict:
         """The ``opt.state`` entry of slot ``i``: live views of this rank's owned elements."""
@@ -398,6 +434,7 @@ class ShardedAdamW(Optimizer):
         self._reduced = False  # every bucket was reduce-scattered since the last step
         self._in_backward = False
         self._next_bucket = 0
+        self._flags: torch.Tensor | None = None  # the step's agreement buffer (_agree)
         self._last_stats = CommStats()
         defaults = dict(
             lr=lr,
@@ -410,8 +447,9 @@ class ShardedAdamW(Optimizer):
             capturable=False,
             differentiable=False,
             fused=fused,
-            decoupled_weight_decay=True,
         )
+        if TORCH_ADAMW_HAS_DECOUPLED_KEY:  # param_groups keep torch AdamW's keys exactly
+            defaults["decoupled_weight_decay"] = True
         super().__init__(params, defaults)
         self._server = (
             StateServer(self, self._comm, _state_buffers, state_dict_timeout)
@@ -633,25 +671,43 @@ class ShardedAdamW(Optimizer):
         return found
 
     def _agree(self, present: list[list[bool]], found: torch.Tensor | None) -> bool:
-        """One small all-reduce of whether any rank ``found`` a non-finite gradient and
-        (standalone, or attached to a DDP that may skip parameters) which parameters had a
-        gradient on any rank. Returns whether to skip."""
+        """Whether to skip the step: one small all-reduce (max) of whether any rank ``found``
+        a non-finite gradient and (standalone, or attached to a DDP that may skip parameters)
+        which parameters had a gradient on some rank, written into ``present``.
+
+        The flags are written into a reusable device buffer by tensor ops and read back with
+        one ``tolist()``: the step's only device-to-host sync. None at all when there is
+        nothing to agree on (no ``found``, and presence known without asking the peers)."""
         ddp = self._ddp
         standalone = ddp is None or ddp.find_unused_parameters or ddp.static_graph
-        if not self._comm.distributed or (found is None and not standalone):
+        if not self._comm.distributed:
             return found is not None and found.item() > 0
-        flags = [0.0 if found is None else found.item()]
+        if found is None and not standalone:
+            return False
+        n = 1 + (sum(len(bp) for bp in present) if standalone else 0)
+        if self._flags is None or self._flags.numel() != n:
+            self._flags = torch.empty(n, dtype=torch.float32, device=self._buckets[0].device)
+        flags = self._flags
+        flags.zero_()
+        if found is not None:
+            flags[:1].copy_(found)
         if standalone:
-            flags += [float(x) for bp in present for x in bp]
-        t = torch.tensor(flags, dtype=torch.float32, device=self._buckets[0].device)
-        self._comm.all_reduce_(t, "max")
+            k = 1
+            for bp in present:
+                if all(bp):
+                    flags[k : k + len(bp)].fill_(1.0)
+                else:  # unused parameters: one write each, only in such buckets
+                    for j, x in enumerate(bp):
+                        if x:
+                            flags[k + j].fill_(1.0)
+                k += len(bp)
+        values = self._comm.all_reduce_(flags, "max").tolist()
         if standalone:
-            values = t[1:].tolist()
-            k = 0
+            k = 1
             for bp in present:
                 bp[:] = [v > 0 for v in values[k : k + len(bp)]]
                 k += len(bp)
-        return t[0].item() > 0
+        return values[0] > 0
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
@@ -700,10 +756,10 @@ class ShardedAdamW(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         inv = None if grad_scale is None else grad_scale.double().reciprocal().float()
         found = self._check_finite(inv) if self.skip_nonfinite or inv is not None else None
-        skip = self._agree(present, found)
-        if scaler_found is not None and float(scaler_found) > 0:
-            skip = True
-        if skip:
+        if scaler_found is not None:  # already agreed by ShardedGradScaler; decided in _agree
+            scaler_found = scaler_found.to(self._buckets[0].device).reshape(1)
+            found = scaler_found if found is None else found + scaler_found
+        if self._agree(present, found):
             self.skipped_steps += 1
             self._after_step()
             if self._comm.global_rank == 0:
@@ -842,9 +898,9 @@ class ShardedAdamW(Optimizer):
         for b in self._buckets:
             if b.group["amsgrad"] and b.max_exp_avg_sq is None:
                 b.max_exp_avg_sq = b._zeros(b.layout.shard_numel)
+            b.load_steps([float(entries.get(p, {}).get("step", 0)) for p in b.params])
             for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
                 entry = entries.get(p, {})
-                b.steps[i] = float(entry.get("step", 0))
                 for key, buf in _state_buffers(b).items():
                     view = b.views(buf, i)
                     if key in entry:

@@ -1,0 +1,192 @@
+"""Issue 14: at most one device-to-host synchronisation per training step (the agreed skip
+flag and parameter presence, read back from one small all-reduce), none at all with
+``skip_nonfinite=False``, no grad scaler and presence known without asking the peers.
+
+How syncs are counted on a CPU-only machine, where no real sync can be observed:
+
+- A ``TorchDispatchMode`` sees every aten op, whoever calls it (the optimizer, torch's AdamW,
+  DDP's hooks, the grad scaler). An op whose result is a Python number or bool computed from a
+  tensor must wait for the device: ``_local_scalar_dense`` (what ``.item()``, ``bool()``,
+  ``float()`` and ``int()`` of a tensor dispatch to), ``equal``, ``is_nonzero`` and any other
+  op that returns a non-tensor. Each one counts. So does ``lift_fresh``: a tensor built from
+  Python data, which on an accelerator is a host-to-device copy made for the step.
+- ``Tensor.tolist``, ``Tensor.numpy`` and ``Tensor.cpu`` read a tensor without reaching the
+  dispatcher on CPU, so they are patched for the duration and every call counts.
+
+One exemption, and only in the unfused runs: reads of the optimizer's own step-count
+tensors. Outside ``fused``, torch keeps them on the CPU whatever the parameters' device, and
+``torch.optim.AdamW`` reads each with ``.item()`` to compute the bias corrections: a host
+read, not a sync, for ``torch.optim.AdamW`` as much as for us. The fused runs keep the step
+counts where the parameters are, as on a GPU, and count everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sharded_adamw import ShardedAdamW, ShardedGradScaler
+
+from . import distributed
+from .models import TinyLM, batch, loss_fn, param_groups
+
+STEPS = 4
+READS = ("tolist", "numpy", "cpu")  # tensor reads that bypass the dispatcher on CPU
+SCENARIOS = {  # name: (attached, optimizer options, bf16 parameters, scaler, unused branch)
+    "attached": (True, {}, False, False, False),
+    "attached, skip_nonfinite=False": (True, {"skip_nonfinite": False}, False, False, False),
+    "attached, fused": (True, {"fused": True}, False, False, False),
+    "attached, ShardedGradScaler": (True, {}, False, True, False),
+    "standalone": (False, {}, False, False, False),
+    "standalone, skip_nonfinite=False": (False, {"skip_nonfinite": False}, False, False, False),
+    "standalone, unused parameters": (False, {}, False, False, True),
+    "standalone, fused": (False, {"fused": True}, False, False, False),
+    "standalone, bf16 master weights": (False, {}, True, False, False),
+    "standalone, bf16, ShardedGradScaler": (False, {}, True, True, False),
+    "attached, bf16 master weights": (True, {}, True, False, False),
+}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts, per op name, the host syncs of the code run inside it on this thread (see
+    the module docstring); reads of tensors whose storage is in ``exempt`` do not count."""
+
+    def __init__(self, exempt: set[int]):
+        super().__init__()
+        self.exempt = exempt
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if func is torch.ops.aten.lift_fresh.default:
+            self.counts["lift_fresh"] += 1
+        elif tensors and not isinstance(out, (torch.Tensor, list, tuple, type(None))):
+            if not all(t.untyped_storage().data_ptr() in self.exempt for t in tensors):
+                self.counts[str(func.overloadpacket.__name__)] += 1
+        return out
+
+    @contextlib.contextmanager
+    def reads_counted(self) -> Iterator[None]:
+        """Patch the dispatcher-bypassing reads (``READS``) to count, on this thread only."""
+        me = threading.get_ident()
+        originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+        def counting(name: str):
+            original = originals[name]
+
+            def read(t: torch.Tensor, *a, **k):
+                if threading.get_ident() == me and t.untyped_storage().data_ptr() not in (
+                    self.exempt
+                ):
+                    self.counts[name] += 1
+                return original(t, *a, **k)
+
+            return read
+
+        for name in READS:
+            setattr(torch.Tensor, name, counting(name))
+        try:
+            with self:
+                yield
+        finally:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, original)
+
+
+def _step_tensors_on_host(opt: ShardedAdamW) -> set[int]:
+    """Storages of the step counts that torch keeps on the CPU by design (not fused)."""
+    return {
+        b.steps.untyped_storage().data_ptr()
+        for b in opt._buckets
+        if not b.group["fused"] and b.steps.device.type == "cpu"
+    }
+
+
+def _count(rank: int, name: str) -> list[dict[str, int]]:
+    """Train ``STEPS`` steps of scenario ``name``; host syncs per step, backward included."""
+    attached, options, bf16, use_scaler, unused = SCENARIOS[name]
+    torch.manual_seed(0)
+    model = TinyLM().to(torch.bfloat16) if bf16 else TinyLM()
+    opt = ShardedAdamW(param_groups(model), **options)
+    net = DDP(model) if attached else model
+    if attached:
+        opt.attach(net)
+    scaler = ShardedGradScaler("cpu", init_scale=2.0**8) if use_scaler else None
+    per_step = []
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        loss = loss_fn(net(x, use_branch=not (unused and step % 2)).float(), y)
+        counter = HostSyncs(_step_tensors_on_host(opt))
+        with counter.reads_counted():
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        opt.zero_grad()
+        per_step.append(dict(counter.counts))
+    assert opt.skipped_steps == 0
+    return per_step
+
+
+def _all(rank: int, world_size: int) -> dict[str, list[dict[str, int]]]:
+    return {name: _count(rank, name) for name in SCENARIOS}
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict[str, list[dict[str, int]]]:
+    return distributed.run(_all, 2)[0]
+
+
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if "skip_nonfinite=False" not in n])
+def test_at_most_one_host_sync_per_step(counts, name):
+    """The skip flag (and, where the peers must agree on it, which parameters had a
+    gradient) comes back in one read of one small all-reduce: at most one sync per step."""
+    per_step = [sum(c.values()) for c in counts[name]]
+    assert max(per_step) <= 1, f"{name}: syncs per step {counts[name]}"
+
+
+def test_no_host_sync_without_nonfinite_check_or_scaler_when_attached(counts):
+    """Attached to a DDP that reduces every parameter, with ``skip_nonfinite=False`` and no
+    scaler, there is nothing to agree on: the step never waits for the device."""
+    assert counts["attached, skip_nonfinite=False"] == [{}] * STEPS
+
+
+def test_standalone_without_nonfinite_check_agrees_on_presence_only(counts):
+    """Standalone, some parameter may have had no gradient on some rank: presence is agreed
+    in the one small all-reduce, still at most one sync."""
+    per_step = [sum(c.values()) for c in counts["standalone, skip_nonfinite=False"]]
+    assert max(per_step) <= 1, counts["standalone, skip_nonfinite=False"]
+
+
+def test_a_step_count_written_through_opt_state_is_seen():
+    """The uniform-step shortcut reads a host mirror of the step counts; a write through
+    ``opt.state[p]["step"]`` (as checkpoint loaders make) must reach the next update, bitwise
+    as ``torch.optim.AdamW`` with the same write."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    ref = TinyLM()
+    ref.load_state_dict(model.state_dict())
+    opt = ShardedAdamW(param_groups(model))
+    ref_opt = torch.optim.AdamW(param_groups(ref))
+    for step in range(3):
+        for net, o in ((model, opt), (ref, ref_opt)):
+            x, y = batch(step, 0)
+            loss_fn(net(x), y).backward()
+            o.step()
+            o.zero_grad()
+            if step == 0:
+                o.state[net.up.weight]["step"].fill_(7.0)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert opt.state[model.up.weight]["step"].item() == 9.0
