@@ -222,7 +222,7 @@ def load_checkpoint(
     groups, extra = fmt.groups_and_extra(first)
     _check_groups(where, groups, _group_names(opt, names))
     module.load_state_dict({k: first[fmt.model(k)] for k in model_sd})
-    with torch.no_grad():
+    with torch.no_grad(), opt._state_load():
         for p, o in owned.items():
             loaded = temps.get(p, {})
             o.step.copy_(loaded.get("step", torch.zeros(())))

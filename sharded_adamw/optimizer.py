@@ -851,6 +851,20 @@ class ShardedAdamW(Optimizer):
         """The lock that keeps a served ``state_dict()`` and a state change apart."""
         return self._server.lock if self._server is not None else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def _state_load(self) -> Iterator[None]:
+        """Around a load that every rank makes (``load_state_dict``, ``load_checkpoint``):
+        the state changes under the served-state lock and the load is counted, so that a
+        ``state_dict()`` caller that has finished its load is answered by a rank only after
+        that rank has finished its own (a server waits for the caller's count of loads),
+        never with the state from before it. A server that has loaded more than the caller
+        still answers: a load every rank makes changes nothing the caller could be behind
+        on but that load itself (accelerate's ``prepare`` loads what it has just saved)."""
+        with self._state_lock():
+            yield
+            if self._server is not None:
+                self._server.loads += 1
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict in ``torch.optim.AdamW``'s format, saved at any world size.
 
@@ -889,7 +903,7 @@ class ShardedAdamW(Optimizer):
                         f"{tuple(entry[key].shape)}, the parameter has {tuple(p.shape)}"
                     )
         entries = {p: state[pid] for pid, p in by_id.items() if pid in state}
-        with self._state_lock():
+        with self._state_load():
             self._load_entries(entries, saved_groups)
 
     def _load_entries(self, entries: dict, saved_groups: list) -> None:

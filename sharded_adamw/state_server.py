@@ -9,8 +9,10 @@ group and a store mailbox) and starts a daemon thread that answers requests for 
 Protocol, for a caller ``c`` (any number of callers, at any time, in any order):
 
 1. ``c`` visits the other shard ranks one at a time. For server ``s`` it posts
-   ``"c k nbuckets"`` to ``s``'s mailbox, where ``k`` is ``c``'s count of steps that began
-   updating the state (``updates_started``).
+   ``"c k nbuckets loads"`` to ``s``'s mailbox, where ``k`` is ``c``'s count of steps that
+   began updating the state (``updates_started``) and ``loads`` its count of finished state
+   loads (``load_state_dict``, ``load_checkpoint``); ``s`` first waits, bounded, until it has
+   begun as many steps and finished as many loads.
 2. ``s``'s thread takes requests in mailbox order. Holding the optimizer's state lock it sends
    a header ``[status, s's updates_started, elements it would send]``; if the status is good it
    waits for ``c``'s go (``c`` checks the header against its own count and layout), then sends
@@ -77,6 +79,7 @@ class StateServer:
     def __init__(self, opt: ShardedAdamW, comm: Comm, buffers_of: BuffersOf, timeout: float):
         self.lock = threading.Lock()
         self.updates_started = 0
+        self.loads = 0  # state loads this rank has finished (every rank makes the same ones)
         self.timeout = timeout
         self._channel = SideChannel(comm, timeout, opt._object_device)
         self._buffers_of = buffers_of
@@ -126,7 +129,7 @@ class StateServer:
         ch = self._channel
         want = self.updates_started
         expected = sum(t.numel() for b in buckets for t in self._buffers_of(b).values())
-        ch.post(s, f"{ch.rank} {want} {len(buckets)}")
+        ch.post(s, f"{ch.rank} {want} {len(buckets)} {self.loads}")
         header = torch.empty(3, dtype=torch.int64)
         ch.wait(ch.recv(header, s, SideChannel.TO_CALLER))
         status, theirs, total = header.tolist()
@@ -154,23 +157,25 @@ class StateServer:
                 return
             if message == "stop":
                 return
-            caller, want, nbuckets = map(int, message.split())
+            caller, want, nbuckets, loads = map(int, message.split())
             opt = opt_ref()
             if opt is None:
                 return
             try:
-                self._answer(opt._buckets, caller, want, nbuckets)
+                self._answer(opt._buckets, caller, want, nbuckets, loads)
             except Exception as e:  # noqa: BLE001 - the caller raises; keep serving others
                 logger.warning(
                     "ShardedAdamW: serving state to rank %d failed: %s", ch.ranks[caller], e
                 )
             del opt
 
-    def _answer(self, buckets: list[ShardBucket], caller: int, want: int, nbuckets: int) -> None:
+    def _answer(
+        self, buckets: list[ShardBucket], caller: int, want: int, nbuckets: int, loads: int
+    ) -> None:
         ch = self._channel
         deadline = time.monotonic() + self.timeout
-        while self.updates_started < want and time.monotonic() < deadline:
-            time.sleep(0.01)  # the caller's step finished first; ours is past its agreement
+        while (self.updates_started < want or self.loads < loads) and (time.monotonic() < deadline):
+            time.sleep(0.01)  # the caller's step or load finished first; ours is under way
         with self.lock:
             have = self.updates_started
             status = OK if have == want else AHEAD if have > want else BEHIND

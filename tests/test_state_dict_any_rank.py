@@ -214,3 +214,35 @@ def test_unanswered_request_names_the_rank_within_the_timeout(results):
     out = per_rank[0]["dead_server"]
     assert out["error"] is not None and f"rank {W - 1} did not serve" in out["error"]
     assert out["seconds"] < 15
+
+
+def _after_a_slow_load(rank: int, world: int) -> bool:
+    """Every rank loads a new state; rank 1 is slow to. Rank 0 asks for the state right after
+    its own load and must get the loaded state from every rank, not rank 1's older one."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = ShardedAdamW(param_groups(model), state_dict_timeout=60)
+    for step in range(2):
+        x, y = batch(step, rank)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    new = opt.state_dict()
+    for entry in new["state"].values():  # a state no rank has held
+        entry["exp_avg"] = entry["exp_avg"] + 1.0
+    dist.barrier()
+    if rank == 1:
+        time.sleep(2.0)
+    opt.load_state_dict(new)
+    ok = True
+    if rank == 0:
+        got = opt.state_dict()
+        ok = all(
+            torch.equal(got["state"][i]["exp_avg"], e["exp_avg"]) for i, e in new["state"].items()
+        )
+    dist.barrier()
+    return ok
+
+
+def test_a_caller_after_its_load_waits_for_the_other_ranks_loads():
+    assert distributed.run(_after_a_slow_load, 2) == [True, True]
