@@ -4,7 +4,7 @@ from .accelerate_support import install_when_imported
 from .amp import ShardedGradScaler
 from .clip import install as _install_clip_routes
 from .ddp import watch_ddp
-from .layout import BucketLayout, ParamSlot, chunk_size, owned_range, plan_buckets
+from .layout import BucketLayout, ParamSlot, owned_range, plan_buckets, shard_size
 from .optimizer import ShardedAdamW
 
 __all__ = [
@@ -14,10 +14,10 @@ __all__ = [
     "ShardedAdamW",
     "ShardedGradScaler",
     "checkpoint_exists",
-    "chunk_size",
     "load_checkpoint",
     "owned_range",
     "plan_buckets",
+    "shard_size",
     "save_checkpoint",
 ]
 __version__ = "0.1.0"

@@ -52,7 +52,6 @@ import hashlib
 import inspect
 import io
 import json
-import math
 import os
 import shutil
 import warnings
@@ -76,7 +75,6 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.nn.parallel import DistributedDataParallel
 
 from .boxes import flat_range_boxes
-from .layout import owned_range
 from .optimizer import RUNTIME_KEYS, ShardedAdamW
 
 FORMAT = "sharded-adamw/2"
@@ -271,6 +269,7 @@ class OwnedState:
     end: int
     tensors: dict[str, torch.Tensor]
     step: torch.Tensor
+    ranges: list[tuple[int, int]]  # every shard rank's owned flat range, in rank order
 
 
 def owned_state(opt: ShardedAdamW) -> dict[torch.Tensor, OwnedState]:
@@ -285,8 +284,8 @@ def owned_state(opt: ShardedAdamW) -> dict[torch.Tensor, OwnedState]:
             "master_param": b.master,
         }
         for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
-            tensors = {k: b.views(t, i) for k, t in buffers.items() if t is not None}
-            out[p] = OwnedState(slot.start, slot.end, tensors, b.steps[i])
+            tensors = {k: b.owned(t, i) for k, t in buffers.items() if t is not None}
+            out[p] = OwnedState(slot.start, slot.end, tensors, b.steps[i], b.layout.ranges(i))
     return out
 
 
@@ -381,11 +380,10 @@ class _Ranks:
         process, ``local`` in ``shape``."""
         if not self.distributed:
             return local.view(shape)
-        world, numel = len(self.shard_ranks), math.prod(shape)
         properties = TensorProperties(dtype=local.dtype)
         shards, everyone = [], []
         for r, global_rank in enumerate(self.shard_ranks):
-            start, end = owned_range(numel, world, r)
+            start, end = owned.ranges[r]
             for box in flat_range_boxes(shape, start, end):
                 md = ShardMetadata(
                     list(box.offsets), list(box.sizes), f"rank:{global_rank}/{local.device}"

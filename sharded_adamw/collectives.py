@@ -30,7 +30,7 @@ import datetime
 import pickle
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -142,81 +142,82 @@ class Comm:
         return self.backend == "gloo"
 
     def reduce_scatter_grads(
-        self,
-        grads: Sequence[torch.Tensor],
-        staging: torch.Tensor,
-        into: torch.Tensor,
-        accumulate: bool,
-        async_op: bool,
+        self, staging: torch.Tensor, into: torch.Tensor, accumulate: bool, async_op: bool
     ) -> Handle:
-        """Average ``grads`` over all data-parallel ranks into this rank's shard ``into``
-        (added to it when ``accumulate``); ``wait()`` on the handle delivers.
+        """Average the flat gradients in ``staging`` (a bucket's layout, the reduce dtype,
+        ``world_size`` equal shards; the caller must not reuse it before ``wait()``) over all
+        data-parallel ranks into this rank's shard ``into`` (added to it when
+        ``accumulate``); ``wait()`` on the handle delivers.
 
-        Copy-in: each gradient is flattened, cut into ``world_size`` chunks (zero padded), and
-        the chunks are laid out rank-major in ``staging`` (``world_size x shard``, the reduce
-        dtype, owned by the caller, who must not reuse it before ``wait()``). Every element is
-        multiplied by ``1 / dp_size`` before the sum, exactly as DDP's reducer does, so that
-        the averaged gradient has DDP's bits: on NCCL inside the collective (``premul_sum``),
-        elsewhere by one pass over ``staging``. Across a replicate group the shard is then
-        all-reduced.
+        On NCCL a reduce-scatter writes the shard directly, the ``1 / dp_size`` factor folded
+        into the sum (``premul_sum``). On gloo, whose reduce-scatter is an all-reduce of a
+        clone of its input, ``staging`` is all-reduced in place and this rank's part of it
+        delivered. Across a replicate group the shard is then all-reduced. The averaged
+        gradient has DDP's bits: see ``_scale_for``.
         """
-        flat = [g.reshape(-1) for g in grads]
-        torch._chunk_cat(flat, 0, self.world_size, out=staging)
+        n = into.numel()
         self._count("reduce_scatter", staging)
+        scale = self._scale_for(staging)
         if not self.distributed:
-            return Handle(None, lambda: _deliver(staging[0], into, accumulate))
+            return Handle(None, lambda: _deliver(staging[:n], into, accumulate, scale))
         if self.in_place:
-            self._scale(staging)
             work = dist.all_reduce(staging, group=self.shard_group, async_op=async_op)
-            result = staging[self.rank]
+            result = staging[self.rank * n : (self.rank + 1) * n]
         else:
-            direct = not accumulate and into.dtype == staging.dtype
-            result = into if direct else staging.new_empty(staging.shape[1])
-            work = _reduce_scatter(
-                result, staging.view(-1), self._average_op(staging), self.shard_group, async_op
-            )
-        return Handle(work, lambda: self._finish_average(result, into, accumulate))
+            direct = not accumulate and into.dtype == staging.dtype and scale == 1.0
+            result = into if direct else staging.new_empty(n)
+            op = self._premul_sum() or dist.ReduceOp.SUM
+            work = _reduce_scatter(result, staging, op, self.shard_group, async_op)
+        return Handle(work, lambda: self._finish_average(result, into, accumulate, scale))
 
-    def average_in_place(self, buffer: torch.Tensor, async_op: bool) -> Handle:
-        """Average ``buffer`` over the shard group in place (an all-reduce; for DDP's own bucket
-        buffers on gloo, see ``in_place``), scaled before the sum as DDP's reducer does."""
+    def average_in_place(self, buffer: torch.Tensor, async_op: bool) -> tuple[Handle, float]:
+        """All-reduce ``buffer`` (DDP's own bucket, on gloo: see ``in_place``) over the shard
+        group in place; returns the handle and the factor the caller applies to the parts it
+        delivers (``_scale_for``)."""
         self._count("reduce_scatter", buffer)
+        scale = self._scale_for(buffer)
         if not self.distributed:
-            return Handle(None)
-        self._scale(buffer)
-        return Handle(dist.all_reduce(buffer, group=self.shard_group, async_op=async_op))
+            return Handle(None), scale
+        return Handle(dist.all_reduce(buffer, group=self.shard_group, async_op=async_op)), scale
 
-    def _scale(self, t: torch.Tensor) -> None:
-        if self.dp_size > 1:
-            t.mul_(1.0 / self.dp_size)
+    def _scale_for(self, t: torch.Tensor) -> float:
+        """Where the ``1 / dp_size`` of the average is applied, so that the result has the
+        bits of DDP's reducer, which scales every gradient before the sum: on NCCL inside the
+        collective (nothing to do here); for a power-of-two ``dp_size`` after the sum, on the
+        delivered shard only (scaling by a power of two is exact, so it commutes with the
+        sum); otherwise before the sum, by a pass over ``t``. Returns the factor left to apply
+        on delivery."""
+        if self.dp_size == 1 or self._premul_sum() is not None:
+            return 1.0
+        if self.dp_size & (self.dp_size - 1) == 0:
+            return 1.0 / self.dp_size
+        t.mul_(1.0 / self.dp_size)
+        return 1.0
 
-    def _average_op(self, staging: torch.Tensor):
-        """The reduce op that averages: NCCL folds the ``1 / dp_size`` factor into the sum;
-        other backends get a scaling pass over ``staging`` first, then a sum."""
+    def _premul_sum(self):
+        """NCCL's reduce op that scales by ``1 / dp_size`` as it sums, where there is one."""
         if self.backend == "nccl" and self.dp_size > 1 and hasattr(dist, "_make_nccl_premul_sum"):
             return dist._make_nccl_premul_sum(1.0 / self.dp_size)
-        self._scale(staging)
-        return dist.ReduceOp.SUM
+        return None
 
-    def _finish_average(self, result: torch.Tensor, into: torch.Tensor, accumulate: bool) -> None:
+    def _finish_average(
+        self, result: torch.Tensor, into: torch.Tensor, accumulate: bool, scale: float
+    ) -> None:
         if self.replicate_group is not None:
             self._count("all_reduce", result)
             dist.all_reduce(result, group=self.replicate_group)
-        _deliver(result, into, accumulate)
+        _deliver(result, into, accumulate, scale)
 
-    def all_gather_params(
-        self, gathered: torch.Tensor, copy_out: Callable[[], None], async_op: bool
-    ) -> Handle:
-        """All-gather the bucket whose updated shard sits in ``gathered[rank]`` (in place:
-        ``gathered`` is ``world_size x shard``), then run ``copy_out`` to write it into the
-        parameters."""
-        self._count("all_gather", gathered)
+    def all_gather_params(self, flat: torch.Tensor, async_op: bool) -> Handle:
+        """All-gather a bucket in place: this rank's updated shard of ``flat`` (the buffer the
+        parameters are views of) goes to every rank, the others' shards land in ``flat``."""
+        self._count("all_gather", flat)
         if not self.distributed:
-            return Handle(None, copy_out)
-        work = _all_gather_single(
-            gathered.view(-1), gathered[self.rank], group=self.shard_group, async_op=async_op
-        )
-        return Handle(work, copy_out)
+            return Handle(None)
+        n = flat.numel() // self.world_size
+        shard = flat[self.rank * n : (self.rank + 1) * n]
+        work = _all_gather_single(flat, shard, group=self.shard_group, async_op=async_op)
+        return Handle(work)
 
     # ---- small agreements ----------------------------------------------------------------
 
@@ -262,14 +263,17 @@ class Comm:
         return stats
 
 
-def _deliver(result: torch.Tensor, into: torch.Tensor, accumulate: bool) -> None:
-    """Write an averaged shard into its destination (nothing to do when it already is it)."""
+def _deliver(result: torch.Tensor, into: torch.Tensor, accumulate: bool, scale: float) -> None:
+    """Write an averaged shard, times ``scale``, into its destination (one kernel; nothing to
+    do when the collective wrote it there)."""
     if result is into:
         return
     if accumulate:
-        into.add_(result)
-    else:
+        into.add_(result, alpha=scale)
+    elif scale == 1.0:
         into.copy_(result)
+    else:
+        torch.mul(result, scale, out=into)
 
 
 def _reduce_scatter(out, inp, op, group, async_op):

@@ -33,7 +33,7 @@ from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 
 from . import registry
-from .collectives import Handle, completed_future
+from .collectives import completed_future
 
 # The optimizer calls into this module (``attach``); here its class is only a type hint, quoted
 # because DDP reads the comm hook's annotations at runtime (no ``from __future__ import
@@ -46,13 +46,12 @@ _models: weakref.WeakSet = weakref.WeakSet()
 
 
 class _HookState:
-    """The optimizer, the routes from each DDP bucket to the optimizer's gradient shards
-    (rebuilt when DDP rebuilds its buckets), and the one reduction this hook keeps pending."""
+    """The optimizer, and the routes from each DDP bucket to the optimizer's gradient shards
+    (rebuilt when DDP rebuilds its buckets)."""
 
     def __init__(self, opt: "ShardedAdamW"):
         self.opt = opt
         self.routes: dict = {}
-        self.last: Handle | None = None
         self.syncing = False  # the last forward will reduce gradients in its backward
         self.accumulators: list = []  # the AccumulateGrad nodes our release hooks sit on
 
@@ -75,24 +74,23 @@ class _HookState:
 
     def route(self, bucket: dist.GradBucket) -> tuple:
         """For a DDP bucket: its parameters, the (bucket, slot) of each in the optimizer, the
-        destinations (whole chunks, for a reduce-scatter's output) and the owned views of
-        DDP's buffer and of the shards (for an in-place average), and the reduce dtype."""
+        owned views of DDP's buffer and of the shards (for an in-place average), and the
+        reduce dtype."""
         params = bucket.parameters()
         key = (tuple(id(p) for p in params), bucket.buffer().data_ptr())
         cached = self.routes.get(bucket.index())
         if cached is None or cached[0] != key:  # DDP rebuilds its buckets after iteration 1;
             # replacing the route drops its views of the old buffer, so DDP can free it
             slots = [self.opt._slot[p] for p in params]
-            chunks = [b.views(b.grad, i, owned_only=False) for b, i in slots]
             owned, owned_dst, owned_src = [], [], []
             for j, ((b, i), g) in enumerate(zip(slots, bucket.gradients())):
                 s = b.layout.slots[i]
                 if s.owned:
                     owned.append(j)
-                    owned_dst.append(b.views(b.grad, i))
+                    owned_dst.append(b.owned(b.grad, i))
                     owned_src.append(g.reshape(-1)[s.start : s.end])
             reduce_dtype = slots[0][0].reduce_dtype
-            route = (params, slots, chunks, (owned, owned_dst, owned_src), reduce_dtype)
+            route = (params, slots, (owned, owned_dst, owned_src), reduce_dtype)
             self.routes[bucket.index()] = cached = (key, route)
         return cached[1]
 
@@ -110,95 +108,51 @@ def _reduce_scatter_hook(
 
     Two ways, same bits: on gloo, DDP's own buffer is averaged in place by an all-reduce (no
     copy-in at all; gloo's reduce-scatter would all-reduce a clone of it anyway) and each
-    parameter's owned range is copied out of it; elsewhere (NCCL), the gradients are copied
-    into a chunked staging buffer and reduce-scattered, keeping one such buffer pending.
+    parameter's owned range is copied out of it; elsewhere (NCCL), each of the optimizer's
+    buckets is staged from DDP's buffers once all its gradients have arrived (DDP's buckets
+    and the optimizer's need not match) and reduce-scattered, as standalone.
     ``p.grad`` (the local, unreduced gradient DDP copied into its bucket) is set to None:
     nothing should read it, and its memory is the full model's gradients.
     """
-    params, slots, chunks, (owned, owned_dst, owned_src), reduce_dtype = state.route(bucket)
+    params, slots, (owned, owned_dst, owned_src), reduce_dtype = state.route(bucket)
     opt = state.opt
     comm = opt._comm
     buffer = bucket.buffer()
-    accumulate = [b.reduced[i] for b, i in slots]  # a second synced backward before step()
     for (b, i), p in zip(slots, params):
-        b.reduced[i] = b.has_grad = True
         if p.grad is not None:
             b.present[i] = True
     in_place = comm.in_place and comm.replicate_group is None and buffer.dtype == reduce_dtype
     with record_function("sharded_adamw.reduce_scatter"):
         if in_place:
-            handle = comm.average_in_place(buffer, async_op=True)
+            accumulate = [b.reduced[i] for b, i in slots]  # a second synced backward
+            for b, i in slots:
+                b.reduced[i] = b.has_grad = True
+            handle, scale = comm.average_in_place(buffer, async_op=True)
             deliver = lambda: _copy_or_add(  # noqa: E731
-                owned_dst, owned_src, [accumulate[j] for j in owned]
+                owned_dst, owned_src, [accumulate[j] for j in owned], scale
             )
-            state.last = handle.and_then(deliver)
-            opt._pending.append(state.last)
+            opt._pending.append(handle.and_then(deliver))
         else:
-            grads = bucket.gradients()
-            for piece in _pieces(chunks, comm.world_size * reduce_dtype.itemsize, opt):
-                _reduce_scatter_piece(
-                    state,
-                    [grads[j] for j in piece],
-                    [chunks[j] for j in piece],
-                    [accumulate[j] for j in piece],
-                    reduce_dtype,
-                )
+            for (b, i), g in zip(slots, bucket.gradients()):
+                opt.arrived(b, i, g)
     for p in params:
         p.grad = None
     return completed_future(buffer)
 
 
-def _pieces(chunks: list[torch.Tensor], bytes_per_chunk_element: int, opt: "ShardedAdamW"):
-    """Runs of consecutive parameters whose staging buffer fits the optimizer's bucket cap (a
-    parameter larger than the cap is a run of its own). DDP's first iteration puts the whole
-    model in one bucket; staging it at once would hold a full gradient copy in the reduce
-    dtype."""
-    run, used = [], 0
-    for j, c in enumerate(chunks):
-        size = c.numel() * bytes_per_chunk_element
-        if run and used + size > opt._bucket_cap_bytes:
-            yield run
-            run, used = [], 0
-        run.append(j)
-        used += size
-    if run:
-        yield run
-
-
-def _reduce_scatter_piece(
-    state: _HookState,
-    grads: list[torch.Tensor],
-    chunks: list[torch.Tensor],
-    accumulate: list[bool],
-    reduce_dtype: torch.dtype,
+def _copy_or_add(
+    dst: list[torch.Tensor], src: list[torch.Tensor], add: list[bool], scale: float
 ) -> None:
-    """Copy ``grads`` into a chunked staging buffer and reduce-scatter it into ``chunks`` (the
-    optimizer's shards), keeping one staging buffer pending at most (FSDP2's rule: the
-    previous piece's reduction is waited for, and its buffer freed, before the next one is
-    allocated; on NCCL that wait orders streams and does not block the host)."""
-    comm = state.opt._comm
-    if state.last is not None:
-        state.last.wait()
-    width = sum(c.numel() for c in chunks)
-    device = chunks[0].device
-    staging = torch.empty((comm.world_size, width), dtype=reduce_dtype, device=device)
-    out = torch.empty(width, dtype=reduce_dtype, device=device)
-    handle = comm.reduce_scatter_grads(grads, staging, out, False, True)
-    sizes = [c.numel() for c in chunks]
-    state.last = handle.and_then(lambda: _copy_or_add(chunks, list(out.split(sizes)), accumulate))
-    state.opt._pending.append(state.last)
-
-
-def _copy_or_add(dst: list[torch.Tensor], src: list[torch.Tensor], add: list[bool]) -> None:
-    """``dst[k] += src[k]`` where ``add[k]``, else ``dst[k] = src[k]`` (one kernel each)."""
+    """``dst[k] += scale * src[k]`` where ``add[k]``, else ``dst[k] = scale * src[k]``."""
     if not any(add):
         torch._foreach_copy_(dst, src)
+        if scale != 1.0:
+            torch._foreach_mul_(dst, scale)
     elif all(add):
-        torch._foreach_add_(dst, src)
+        torch._foreach_add_(dst, src, alpha=scale)
     else:
-        pick = lambda want: [[t for t, a in zip(ts, add) if a == want] for ts in (dst, src)]  # noqa: E731
-        torch._foreach_copy_(*pick(False))
-        torch._foreach_add_(*pick(True))
+        for d, s, a in zip(dst, src, add):
+            _copy_or_add([d], [s], [a], scale)
 
 
 def attach(opt: "ShardedAdamW", model: torch.nn.Module) -> None:

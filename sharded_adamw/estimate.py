@@ -9,8 +9,8 @@ Sizes are given as ``{numel: count}`` (or any iterable of numels). ``even_split(
 
 Memory model: bytes each rank holds between steps (after ``step()``, gradients still
 present), one row per setup. ``d`` is the number of ranks a tensor is sharded over
-(``world_size / replicas``); every tensor of ``n`` elements reserves ``layout.chunk_size(n, d)``
-elements per rank in each shard buffer, so padding is exact for our layout.
+(``world_size / replicas``); every bucket of the optimizer (``layout.plan_buckets``, tensors
+in the order given, the default bucket cap) is padded to a multiple of ``d``, as in our layout.
 
 - ``ddp``: DDP + ``torch.optim.AdamW``, nothing sharded. fp32: 4 param + 4 grad + 8 state =
   16 B per parameter. bf16/fp16: NOTES.md's row "bf16 / fp32 main grads, fp32 master": 2 param
@@ -26,8 +26,8 @@ elements per rank in each shard buffer, so padding is exact for our layout.
   their reduce-scatter. fp32: 4 + 4/d + 8/d = 4 + 12/d. bf16 with fp32 master weights:
   2 + 4/d + 12/d = 2 + 16/d.
 
-ShardedAdamW's parameters keep their own storage (no padding); its gradient shard and state are
-counted padded (every tensor reserves ``ceil(n/d)`` elements per rank); its state counts
+ShardedAdamW's parameters live in its buckets (at most ``d - 1`` elements of padding per
+bucket, not counted); its gradient shard and state are counted padded; its state counts
 ``exp_avg``, ``exp_avg_sq`` and, for bf16/fp16, the fp32 master weights (``master_weights=True``,
 the default). Not counted: the per-tensor ``step`` counters (4 B per tensor, in host memory for
 both optimizers), DDP's bucket buffers in the ``ddp`` row (counted as if
@@ -41,13 +41,14 @@ buffer it counts is named in its ``parts``:
 - ``ddp`` (DDP with its default flags + ``torch.optim.AdamW``, foreach as on CUDA): ``p.grad``,
   DDP's bucket buffers (as many bytes again), the state, and foreach AdamW's one state-sized
   temporary (``exp_avg_sq.sqrt()``).
-- ``attached``: DDP's bucket buffers, the gradient shard, the state, the all-gather pool
-  (``gather_buffers`` slots of the largest bucket), and one gradient in flight (the largest
-  tensor's, released as soon as DDP has copied it); with a reduce dtype wider than the
-  parameters, two chunked staging buffers of at most one bucket cap each.
-- ``standalone``: the gradient shard, the state, the pool (whose slots also hold the
-  reduce-scatter inputs), and the full-size gradients in flight: one bucket's worth while it
-  fills, plus the largest tensor's gradient being produced.
+- ``attached``: DDP's bucket buffers, the gradient shard, the state, and one gradient in
+  flight (the largest tensor's, released as soon as DDP has copied it); except on gloo (where
+  DDP's buffers are averaged in place), the staging pool (``gather_buffers`` slots of the
+  largest bucket in the reduce dtype). The all-gathers need no buffer: they land in the
+  parameters.
+- ``standalone``: the gradient shard, the state, the staging pool, and the full-size
+  gradients in flight: one bucket's worth while it fills, plus the largest tensor's gradient
+  being produced.
 
 Measured against it at W = 4 on a 50.4M-parameter fp32 MLP (tests/test_peak_memory.py): within
 10% for the three rows; allocator overheads, activations and the per-tensor step counters are
@@ -84,7 +85,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .layout import chunk_size, plan_buckets
+from .layout import plan_buckets
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 LOW_PRECISION = ("bf16", "fp16")  # kept with fp32 master weights and fp32 state
@@ -139,9 +140,18 @@ def numel(sizes: Sizes) -> int:
     return sum(n * c for n, c in _sizes(sizes).items())
 
 
+DEFAULT_CAP_BYTES = 25 * 2**20  # ShardedAdamW's default bucket_cap_mb
+
+
+def _buckets(sizes: Sizes, d: int, elem: int = 4, cap_bytes: int = DEFAULT_CAP_BYTES) -> list:
+    """The optimizer's buckets over tensors of ``sizes`` (in the order given)."""
+    order = [(0, (), n, elem) for n, c in _sizes(sizes).items() for _ in range(c) if n]
+    return plan_buckets(order, d, 0, cap_bytes)
+
+
 def shard_numel(sizes: Sizes, d: int) -> int:
-    """Elements of every rank's shard buffer: one ``chunk_size(n, d)`` per tensor."""
-    return sum(chunk_size(n, d) * c for n, c in _sizes(sizes).items())
+    """Elements of every rank's shard buffers: each bucket's ``ceil(numel / d)``."""
+    return sum(b.shard_numel for b in _buckets(sizes, d))
 
 
 def padded_numel(sizes: Sizes, d: int) -> int:
@@ -216,9 +226,7 @@ class PeakEstimate:
 
 def _largest_bucket(sizes: dict[int, int], d: int, elem: int, cap_bytes: int) -> int:
     """Padded elements of the largest of the optimizer's buckets (``layout.plan_buckets``)."""
-    order = [(0, (), n, elem) for n, c in sizes.items() for _ in range(c) if n]
-    buckets = plan_buckets(order, d, 0, cap_bytes)
-    return max((b.padded_numel for b in buckets), default=0)
+    return max((b.padded_numel for b in _buckets(sizes, d, elem, cap_bytes)), default=0)
 
 
 def estimate_peak(
@@ -230,9 +238,10 @@ def estimate_peak(
     reduce_dtype: str | None = None,
     bucket_cap_mb: float = 25.0,
     gather_buffers: int = 2,
+    backend: str = "nccl",
 ) -> dict[str, PeakEstimate]:
     """Peak per-rank bytes above the bare model of ``ddp``, ``attached`` and ``standalone``
-    (see the module docstring for what each part is)."""
+    on ``backend`` (see the module docstring for what each part is)."""
     d = shard_size(world_size, replicas)
     sizes = _sizes(sizes)
     pb, ub = _dtype_bytes(dtype), DTYPE_BYTES[update_dtype(dtype)]
@@ -247,11 +256,10 @@ def estimate_peak(
         "DDP bucket buffers": P * pb,
         "gradient shard": shard * ub,
         "optimizer state": state,
-        "all-gather pool": gather_buffers * bucket * pb,
         "gradient in flight": largest * pb,
     }
-    if rb > pb:  # staged in pieces of at most one bucket cap, one piece pending
-        attached["reduce-scatter staging"] = 2 * min(cap, P * rb)
+    if backend != "gloo" or rb != pb:
+        attached["staging pool (reduce-scatter)"] = gather_buffers * bucket * rb
     ddp = {"p.grad": P * pb, "DDP bucket buffers": P * pb}
     if dtype in LOW_PRECISION:  # the fp32 master recipe of the memory rows
         ddp["fp32 main gradients"] = P * ub
@@ -264,7 +272,7 @@ def estimate_peak(
             {
                 "gradient shard": shard * ub,
                 "optimizer state": state,
-                "pool (reduce-scatter and all-gather)": gather_buffers * bucket * max(pb, rb),
+                "staging pool (reduce-scatter)": gather_buffers * bucket * rb,
                 "gradients in flight": (bucket + largest) * pb,
             },
             P,

@@ -1,57 +1,61 @@
-"""Which rank owns which elements of which parameter, and how parameters form buckets.
+"""How parameters form buckets, where each parameter lives in its bucket, and which rank owns
+which elements.
 
 Pure arithmetic: nothing here touches a process group or allocates a tensor, so every rule can
 be tested without processes.
 
-Sharding rule (the same as ``torch.chunk`` on the flattened parameter, and as FSDP2 / DTensor
-``Shard(0)``): a parameter of ``n`` elements on ``W`` ranks is cut into chunks of
-``c = ceil(n / W)`` elements; rank ``r`` owns the flat range ``[min(r*c, n), min((r+1)*c, n))``.
-Every rank reserves ``c`` elements for the parameter in its shard, so the last owning rank (and
-any rank past the end) carries up to ``c`` elements of zero padding. Padding per parameter is
-therefore at most ``W - 1`` elements, and ownership is balanced at element level, even for one
-huge tensor.
+A bucket is one flat buffer: its parameters one after the other, in bucket order, then zero
+padding up to a multiple of the world size ``W`` (at most ``W - 1`` elements per bucket). The
+buffer is cut into ``W`` equal contiguous shards of ``S = padded / W`` elements; rank ``r``
+owns ``[r * S, (r + 1) * S)`` of the bucket (the padding, if any, sits at the end of the last
+rank's shard). The optimizer keeps the parameters as views of this buffer, so:
 
-Because the rule depends on nothing but ``n`` and ``W``, the layout of a parameter does not
-depend on which bucket it lands in, nor on DDP's bucket order: any set of parameters can be
-reduce-scattered together (chunk, concatenate rank-major, split) and each rank receives exactly
-its chunks.
+- the all-gather of the shards writes the parameters themselves (no copy-out);
+- the update runs in place on the owned shard, a contiguous slice of the buffer (no cat);
+- the reduce-scatter input is the gradients laid out the same way, one copy-in at most.
+
+A parameter's owned part on a rank is therefore one contiguous flat range ``[start, end)`` of
+the parameter (empty where the rank's shard does not reach it); over the ranks these ranges
+partition the parameter in rank order. A parameter may be split over several ranks, or lie
+within one rank's shard entirely: ownership depends on the bucket a parameter lands in, which
+every rank plans identically from the parameter list and the bucket cap.
 
 Buckets group consecutive parameters of one (param group, dtype, device) until the bucket's
-full padded size would pass ``bucket_cap_bytes``; a parameter larger than the cap gets a bucket
-of its own. A bucket's shard on a rank is the concatenation of its chunks of every parameter in
-the bucket, in bucket order.
+size would pass ``bucket_cap_bytes``; a parameter larger than the cap gets a bucket of its own.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 
-def chunk_size(numel: int, world_size: int) -> int:
-    """Elements each rank reserves for a parameter of ``numel`` elements."""
+def shard_size(numel: int, world_size: int) -> int:
+    """Elements of each rank's shard of a bucket of ``numel`` elements (``ceil(numel / W)``)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    return math.ceil(numel / world_size)
+    return -(-numel // world_size)
 
 
-def owned_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
-    """Flat ``[start, end)`` of the parameter that ``rank`` owns (empty past the end)."""
-    c = chunk_size(numel, world_size)
-    return min(rank * c, numel), min((rank + 1) * c, numel)
+def owned_range(base: int, numel: int, shard: int, rank: int) -> tuple[int, int]:
+    """The flat ``[start, end)`` of a parameter of ``numel`` elements that starts at ``base``
+    in its bucket, owned by ``rank`` when every shard has ``shard`` elements (empty, with
+    ``start == end``, where the rank's shard does not reach the parameter)."""
+    lo = min(max(rank * shard - base, 0), numel)
+    hi = min(max((rank + 1) * shard - base, lo), numel)
+    return lo, hi
 
 
 @dataclass(frozen=True)
 class ParamSlot:
-    """Where one parameter's chunk sits inside its bucket's shard on every rank."""
+    """Where one parameter sits in its bucket, and what of it this rank owns."""
 
     index: int  # position of the parameter in the optimizer's flat parameter list
     numel: int
-    chunk: int  # elements reserved per rank
-    offset: int  # start of this parameter's chunk inside the bucket shard
+    base: int  # start of the parameter in the bucket's flat buffer
     start: int  # this rank's owned flat range of the parameter
     end: int
+    offset: int  # where that range starts in this rank's shard
 
     @property
     def owned(self) -> int:
@@ -67,18 +71,23 @@ class BucketLayout:
     world_size: int
 
     @property
+    def numel(self) -> int:
+        return sum(s.numel for s in self.slots)
+
+    @property
     def shard_numel(self) -> int:
         """Elements of the bucket's shard on every rank (padding included)."""
-        return sum(s.chunk for s in self.slots)
+        return shard_size(self.numel, self.world_size)
 
     @property
     def padded_numel(self) -> int:
-        """Elements of the bucket's full reduce-scatter input / all-gather output."""
+        """Elements of the bucket's flat buffer: parameters plus at most ``W - 1`` padding."""
         return self.shard_numel * self.world_size
 
-    @property
-    def numel(self) -> int:
-        return sum(s.numel for s in self.slots)
+    def ranges(self, i: int) -> list[tuple[int, int]]:
+        """Every rank's owned flat range of slot ``i``'s parameter, in rank order."""
+        s, shard = self.slots[i], self.shard_numel
+        return [owned_range(s.base, s.numel, shard, r) for r in range(self.world_size)]
 
 
 def plan_buckets(
@@ -87,7 +96,7 @@ def plan_buckets(
     rank: int,
     bucket_cap_bytes: int,
 ) -> list[BucketLayout]:
-    """Cut parameters into buckets and place each parameter's chunk.
+    """Cut parameters into buckets and place each parameter in its bucket.
 
     ``params`` lists ``(index, key, numel, element_size)`` in the order buckets should be
     filled; parameters with different keys never share a bucket, and a key change always
@@ -95,21 +104,23 @@ def plan_buckets(
     """
     if bucket_cap_bytes <= 0:
         raise ValueError(f"bucket_cap_bytes must be positive, got {bucket_cap_bytes}")
-    buckets: list[BucketLayout] = []
-    slots: list[ParamSlot] = []
-    key = None
+    shard_size(1, world_size)  # checks world_size
+    runs: list[tuple[tuple, list[tuple[int, int]]]] = []
     used = 0
-    for index, pkey, numel, elem in params:
-        chunk = chunk_size(numel, world_size)
-        size = chunk * world_size * elem
-        if slots and (pkey != key or used + size > bucket_cap_bytes):
-            buckets.append(BucketLayout(key, tuple(slots), world_size))
-            slots, used = [], 0
-        key = pkey
-        start, end = owned_range(numel, world_size, rank)
-        offset = sum(s.chunk for s in slots)
-        slots.append(ParamSlot(index, numel, chunk, offset, start, end))
-        used += size
-    if slots:
+    for index, key, numel, elem in params:
+        if not runs or key != runs[-1][0] or used + numel * elem > bucket_cap_bytes:
+            runs.append((key, []))
+            used = 0
+        runs[-1][1].append((index, numel))
+        used += numel * elem
+    buckets = []
+    for key, members in runs:
+        shard = shard_size(sum(n for _, n in members), world_size)
+        slots, base = [], 0
+        for index, numel in members:
+            start, end = owned_range(base, numel, shard, rank)
+            offset = base + start - rank * shard
+            slots.append(ParamSlot(index, numel, base, start, end, min(max(offset, 0), shard)))
+            base += numel
         buckets.append(BucketLayout(key, tuple(slots), world_size))
     return buckets

@@ -1,13 +1,16 @@
 """``ShardedAdamW``: AdamW whose state (and gradients) are split across data-parallel ranks.
 
-The data path of one training step, in order:
+The parameters live in the buckets' flat buffers (``bucket.py``, ``layout.py``): each rank
+owns one contiguous shard of every bucket. The data path of one training step, in order:
 
 1. gradient -> reduce-scatter: each bucket's gradients are averaged across ranks and each rank
-   receives only its chunk (``ShardBucket.reduce_scatter``). Standalone, this is launched from
+   receives only its shard (``ShardBucket.reduce_scatter``). Standalone, this is launched from
    gradient hooks during backward as buckets fill; attached to DDP, DDP's comm hook does it.
-2. shard update: torch's own AdamW runs on the rank's flat shard (``ShardBucket.update``).
-3. all-gather -> parameter: the updated shard is all-gathered and copied back into the
-   parameters (``Comm.all_gather_params``), launched per bucket as soon as it is updated.
+2. shard update: torch's own AdamW runs in place on the owned shards, one call per param
+   group over all its buckets (``_update``).
+3. all-gather -> parameter: each bucket is all-gathered in place, so the parameters, views of
+   the bucket, are whole again (``ParamGather``); with ``overlap_param_gather`` the next
+   forward waits for each bucket as it reaches the modules that use it.
 
 ``step()`` reads in exactly that order.
 """
@@ -18,23 +21,23 @@ import contextlib
 import inspect
 import logging
 import math
-from array import array
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
+from .bucket import LOW_PRECISION, BufferPool, ShardBucket
 from .clip import scale_by_norm, total_norm
 from .collectives import Comm, CommStats, Handle
-from .layout import BucketLayout, plan_buckets
+from .layout import plan_buckets
+from .param_gather import ParamGather
 from .registry import check_late_process_group, optimizer_built
 from .state_server import StateServer, state_entries
 from .update import adamw_update
 
 logger = logging.getLogger("sharded_adamw")
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # torch.optim.AdamW's param groups carry ``decoupled_weight_decay`` from torch 2.7 on (AdamW
 # became Adam with that flag); before, they do not, and a state dict must match either way.
@@ -45,318 +48,6 @@ TORCH_ADAMW_HAS_DECOUPLED_KEY = (
 # load keeps the loading optimizer's values, which match where construction put the step
 # tensors (on the parameters' device for fused, on the CPU otherwise).
 RUNTIME_KEYS = ("params", "param_names", "foreach", "fused", "capturable", "differentiable")
-
-
-def _flat(p: torch.Tensor) -> torch.Tensor:
-    """``p``'s elements as a 1-D view of its storage, in logical order."""
-    if not p.is_contiguous():
-        raise RuntimeError(
-            f"ShardedAdamW needs contiguous parameters; a parameter of shape {tuple(p.shape)} "
-            f"has strides {p.stride()} (transposed or channels_last); make it contiguous "
-            "before building the optimizer"
-        )
-    return p.data.view(-1)
-
-
-def _copy_out_views(
-    p: torch.Tensor, gathered: torch.Tensor, offset: int, chunk: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(destination, source) pairs that copy ``p``'s columns of the all-gather buffer
-    ``gathered`` (``world_size x shard``) into ``p``, skipping the padding: the ranks whose
-    chunk is full as one 2-D block, then the partial chunk of the last owning rank."""
-    flat, full = _flat(p), p.numel() // chunk
-    pairs = []
-    if full:
-        pairs.append(
-            (flat[: full * chunk].view(full, chunk), gathered[:full, offset : offset + chunk])
-        )
-    tail = p.numel() - full * chunk
-    if tail:
-        pairs.append((flat[full * chunk :], gathered[full, offset : offset + tail]))
-    return pairs
-
-
-class ShardBucket:
-    """This rank's buffers for one bucket: AdamW state, gradient and master-weight shards,
-    and views of the bucket's parameters for copy-in and copy-out."""
-
-    def __init__(
-        self,
-        layout: BucketLayout,
-        params: list[torch.nn.Parameter],
-        group: dict,
-        rank: int,
-        master_weights: bool,
-        reduce_dtype: torch.dtype | None,
-    ):
-        self.layout = layout
-        self.params = params
-        self.group = group
-        self.rank = rank
-        p0 = params[0]
-        self.device, self.param_dtype = p0.device, p0.dtype
-        low = self.param_dtype in LOW_PRECISION and master_weights
-        self.update_dtype = torch.float32 if low else self.param_dtype
-        self.reduce_dtype = reduce_dtype or self.update_dtype
-        self.gathered: torch.Tensor | None = None  # views of a BufferPool slot, bound before use
-        self.staging: torch.Tensor | None = None
-        self.slot: tuple = ()
-        numel = layout.shard_numel
-        self.master = torch.cat(self._owned_rows()).to(torch.float32) if low else None
-        self._versions = [p._version for p in params]
-        self.exp_avg = self._zeros(numel)
-        self.exp_avg_sq = self._zeros(numel)
-        self.max_exp_avg_sq = self._zeros(numel) if group["amsgrad"] else None
-        self.grad = self._zeros(numel)
-        self.has_grad = False
-        step_device = self.device if group["fused"] else torch.device("cpu")
-        self.steps = torch.zeros(len(params), dtype=torch.float32, device=step_device)
-        self._step_counts = array("f", [0.0] * len(params))  # see step_counts()
-        self._steps_version = self.steps._version
-        self.present = [False] * len(params)
-        self.reduced = [False] * len(params)  # attached: a reduction reached this slot
-        self.ready = 0  # gradients that arrived in the current backward
-
-    def _owned_rows(self) -> list[torch.Tensor]:
-        """This rank's chunk of every parameter as views of the parameters, with zero padding
-        where the chunk runs past the end, in shard order (``torch.cat`` gives the shard)."""
-        rows = []
-        for p, slot in zip(self.params, self.layout.slots):
-            rows.append(_flat(p)[slot.start : slot.end])
-            if slot.owned < slot.chunk:
-                rows.append(torch.zeros(slot.chunk - slot.owned, dtype=p.dtype, device=p.device))
-        return rows
-
-    def slot_bytes(self, staging: bool) -> int:
-        """Bytes of pool slot this bucket needs: its all-gather output in the parameter dtype
-        and, when ``staging``, its reduce-scatter input in the reduce dtype (the two are never
-        in use at once, so they share the slot)."""
-        item = self.param_dtype.itemsize
-        if staging:
-            item = max(item, self.reduce_dtype.itemsize)
-        return self.layout.padded_numel * item
-
-    def bind(self, buffer: torch.Tensor) -> None:
-        """Use the byte buffer ``buffer`` for this bucket's all-gather (and its reduce-scatter
-        input, if the buffer is large enough) and precompute every copy-in and copy-out view,
-        so a step makes no per-parameter views."""
-        for p in self.params:
-            if p.dtype != self.param_dtype or p.device != self.device:
-                raise RuntimeError(
-                    f"ShardedAdamW: a parameter of shape {tuple(p.shape)} changed from "
-                    f"{self.param_dtype} on {self.device} to {p.dtype} on {p.device} after the "
-                    "optimizer was built; move or cast the model before constructing it"
-                )
-        W, C = self.layout.world_size, self.layout.shard_numel
-        n = W * C
-        self.gathered = buffer[: n * self.param_dtype.itemsize].view(self.param_dtype).view(W, C)
-        staging = n * self.reduce_dtype.itemsize
-        self.staging = (
-            buffer[:staging].view(self.reduce_dtype).view(W, C)
-            if buffer.numel() >= staging
-            else None
-        )
-        self.rows = self._owned_rows()
-        pairs = [
-            pair
-            for p, s in zip(self.params, self.layout.slots)
-            for pair in _copy_out_views(p, self.gathered, s.offset, s.chunk)
-        ]
-        self.copy_dst = [d for d, _ in pairs]
-        self.copy_src = [s for _, s in pairs]
-        self._ptrs = [p.data_ptr() for p in self.params]
-
-    def sync_masters(self) -> None:
-        """Re-seed the master weights of parameters written outside the optimizer since the
-        last step (``model.load_state_dict``, DDP's initial broadcast), where the parameter
-        no longer equals its master rounded to the parameter dtype: the parameter wins.
-
-        The optimizer's own copy-out writes through ``p.data``, which does not bump
-        ``p._version``; any other in-place write does. A write of the same values (resuming
-        from a checkpoint that also restores the masters) keeps the fp32 masters. The
-        comparison is decided on the device (``torch.where``), so it never waits for it."""
-        versions = [p._version for p in self.params]
-        if self.master is None or versions == self._versions:
-            self._versions = versions
-            return
-        for i, (p, slot) in enumerate(zip(self.params, self.layout.slots)):
-            if versions[i] != self._versions[i]:
-                master, current = self.views(self.master, i), _flat(p)[slot.start : slot.end]
-                differs = (master.to(p.dtype) != current).any()
-                master.copy_(torch.where(differs, current, master))
-        self._versions = versions
-
-    def bound(self) -> bool:
-        """Whether the precomputed views still point at the parameters' storage
-        (``model.to(...)`` gives parameters new storage, even to the same device)."""
-        return self.gathered is not None and [p.data_ptr() for p in self.params] == self._ptrs
-
-    def copy_out(self) -> None:
-        """Copy the all-gathered bucket into the parameters."""
-        torch._foreach_copy_(self.copy_dst, self.copy_src)
-
-    def _zeros(self, numel: int) -> torch.Tensor:
-        return torch.zeros(numel, dtype=self.update_dtype, device=self.device)
-
-    def views(self, flat: torch.Tensor, i: int, owned_only: bool = True) -> torch.Tensor:
-        """Slot ``i``'s part of a shard-shaped tensor (its owned elements, or its whole chunk)."""
-        s = self.layout.slots[i]
-        return flat[s.offset : s.offset + (s.owned if owned_only else s.chunk)]
-
-    def local_grads(self) -> list[torch.Tensor]:
-        """This rank's gradients of the bucket (zeros where ``grad`` is None); records which
-        parameters had one."""
-        grads = []
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                grads.append(torch.zeros_like(p))
-            else:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "ShardedAdamW does not support sparse gradients "
-                        f"(parameter of shape {tuple(p.shape)}); use torch.optim.SparseAdam"
-                    )
-                self.present[i] = True
-                grads.append(p.grad)
-        return grads
-
-    def reduce_scatter(self, comm: Comm, grads: list[torch.Tensor], async_op: bool) -> Handle:
-        """Average ``grads`` into this rank's gradient shard through this bucket's staging
-        view of its pool slot, adding to what the shard already holds since the last
-        ``zero_grad`` (so no micro-batch is lost)."""
-        accumulate, self.has_grad = self.has_grad, True
-        with record_function("sharded_adamw.reduce_scatter"):
-            return comm.reduce_scatter_grads(grads, self.staging, self.grad, accumulate, async_op)
-
-    def update(self, present: list[bool]) -> None:
-        """Run AdamW on the owned shard and leave the result, in the parameter dtype, in
-        row ``rank`` of the bucket's all-gather buffer."""
-        layout, group, gathered = self.layout, self.group, self.gathered
-        self.sync_masters()
-        shard = self.master if self.master is not None else gathered[self.rank]
-        if self.master is None:
-            torch.cat(self.rows, out=shard)
-        if group["amsgrad"] and self.max_exp_avg_sq is None:
-            self.max_exp_avg_sq = self._zeros(layout.shard_numel)
-        vmax = [self.max_exp_avg_sq] if group["amsgrad"] else []
-        counts = self.step_counts()
-        if all(present) and counts.count(counts[0]) == len(counts):
-            adamw_update(
-                [shard],
-                [self.grad],
-                [self.exp_avg],
-                [self.exp_avg_sq],
-                vmax,
-                [self.steps[0]],
-                group,
-            )
-            self.steps[1:] += 1
-            self._step_counts = array("f", [counts[0] + 1]) * len(counts)
-        else:
-            idx = [i for i, ok in enumerate(present) if ok]
-            cut = lambda t: [self.views(t, i, owned_only=False) for i in idx]  # noqa: E731
-            adamw_update(
-                cut(shard),
-                cut(self.grad),
-                cut(self.exp_avg),
-                cut(self.exp_avg_sq),
-                cut(self.max_exp_avg_sq) if vmax else [],
-                [self.steps[i] for i in idx],
-                group,
-            )
-            for i in idx:
-                counts[i] += 1  # stored as float32, as on the step tensors
-        self._steps_version = self.steps._version
-        if self.master is not None:
-            gathered[self.rank].copy_(self.master)
-
-    def step_counts(self) -> array:
-        """The step counts of ``steps`` on the host, read without a device sync per step.
-
-        ``steps`` may live on the device (``fused``), so the uniform-step test in ``update``
-        reads this float32 mirror instead; ``update`` advances both together. Every other
-        in-place write to ``steps`` or to one of its views (``load_steps``, checkpoint loading
-        through ``opt.state[p]["step"]``, a user's ``opt.state[p]["step"].fill_(n)``) bumps
-        the version counter that views share with ``steps``, and the mirror is then read
-        back once. A write through ``.data`` bumps no version counter and is not seen (as
-        for the parameters in ``sync_masters``)."""
-        if self.steps._version != self._steps_version:
-            self._step_counts = array("f", self.steps.tolist())
-            self._steps_version = self.steps._version
-        return self._step_counts
-
-    def load_steps(self, counts: list[float]) -> None:
-        """Set every slot's step count (one write), keeping the host mirror current."""
-        self.steps.copy_(torch.tensor(counts, dtype=torch.float32))
-        self._step_counts = array("f", counts)
-        self._steps_version = self.steps._version
-
-    def state_of(self, i: int) -> dict:
-        """The ``opt.state`` entry of slot ``i``: live views of this rank's owned elements."""
-        state = {
-            "step": self.steps[i],
-            "exp_avg": self.views(self.exp_avg, i),
-            "exp_avg_sq": self.views(self.exp_avg_sq, i),
-        }
-        if self.max_exp_avg_sq is not None:
-            state["max_exp_avg_sq"] = self.views(self.max_exp_avg_sq, i)
-        if self.master is not None:
-            state["master_param"] = self.views(self.master, i)
-        return state
-
-
-class BufferPool:
-    """A few reusable full-bucket byte buffers per device, shared in turn by the buckets.
-
-    Bucket ``i`` of a device uses slot ``i % size``, for its reduce-scatter input during
-    backward (standalone) and for its all-gather output in ``step()``. Before a bucket uses a
-    slot, ``acquire`` waits for the collective that used it last (and runs its copy-out or
-    delivery), so at most ``size`` buckets' worth of communication buffers exist at any time,
-    backward and step together: the buffers live exactly as long as their collective needs
-    them. Views into the slots are made once, at bind.
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self.buffers: dict[torch.device, list[torch.Tensor]] = {}
-        self._users: dict[tuple, Handle] = {}  # slot -> the collective using it
-
-    def bind(self, buckets: list[ShardBucket], staging: bool) -> None:
-        """(Re)bind buckets whose views are stale; reallocate if a bucket outgrew its slot.
-        ``staging``: slots also hold the reduce-scatter inputs (standalone mode)."""
-        if all(b.bound() and (b.staging is not None or not staging) for b in buckets):
-            return
-        self.drain()
-        need: dict[torch.device, int] = {}
-        for b in buckets:
-            need[b.device] = max(need.get(b.device, 0), b.slot_bytes(staging))
-        for device, nbytes in need.items():
-            have = self.buffers.get(device)
-            if have is None or have[0].numel() < nbytes:
-                self.buffers[device] = [
-                    torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(self.size)
-                ]
-        counts: dict[torch.device, int] = {}
-        for b in buckets:
-            i = counts[b.device] = counts.get(b.device, -1) + 1
-            b.slot = (b.device, i % self.size)
-            b.bind(self.buffers[b.device][i % self.size])
-
-    def acquire(self, bucket: ShardBucket) -> None:
-        """Wait until the last collective that used ``bucket``'s slot is done."""
-        handle = self._users.pop(bucket.slot, None)
-        if handle is not None:
-            handle.wait()
-
-    def hold(self, bucket: ShardBucket, handle: Handle) -> None:
-        """Record that ``handle``'s collective uses ``bucket``'s slot until it is waited."""
-        self._users[bucket.slot] = handle
-
-    def drain(self) -> None:
-        """Wait for every collective that uses a slot."""
-        for handle in self._users.values():
-            handle.wait()
-        self._users.clear()
 
 
 class ShardedAdamW(Optimizer):
@@ -378,10 +69,19 @@ class ShardedAdamW(Optimizer):
       of the update (fp32 with master weights).
     - ``skip_nonfinite``: skip the whole step on every rank when any rank's gradient holds a
       NaN or inf (counted in ``skipped_steps``).
-    - ``gather_buffers``: all-gathers in flight at once in ``step()``, each in a reusable
-      buffer of the largest bucket's size (memory: that many buckets of parameters).
+    - ``gather_buffers``: reduce-scatter inputs staged at once, each in a reusable buffer of
+      the largest bucket's size (memory: that many buckets of gradients in the reduce dtype).
+      The all-gathers need no buffer: they land in the parameters.
     - ``state_dict_timeout``: seconds ``state_dict()`` waits for another rank's shards
       before it raises naming that rank (see ``state_server``).
+    - ``overlap_param_gather``: return from ``step()`` with the parameter all-gathers in
+      flight and wait for each bucket in the next forward, before the first module that
+      reads it (Megatron-LM's name). Results are bitwise the same. Reading ``p.data`` by hand
+      between ``step()`` and the next forward needs ``sync_params()`` first; see
+      ``param_gather``.
+
+    The parameters become views of the optimizer's flat buckets at construction (their values
+    are kept): ``p.data`` is replaced, ``p`` itself is not.
     """
 
     def __init__(
@@ -404,6 +104,7 @@ class ShardedAdamW(Optimizer):
         skip_nonfinite: bool = True,
         gather_buffers: int = 2,
         state_dict_timeout: float = 300.0,
+        overlap_param_gather: bool = False,
     ):
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -436,6 +137,7 @@ class ShardedAdamW(Optimizer):
         self._next_bucket = 0
         self._flags: torch.Tensor | None = None  # the step's agreement buffer (_agree)
         self._last_stats = CommStats()
+        self._gather = ParamGather(self._buckets, self._comm, overlap_param_gather)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -452,7 +154,7 @@ class ShardedAdamW(Optimizer):
             defaults["decoupled_weight_decay"] = True
         super().__init__(params, defaults)
         self._server = (
-            StateServer(self, self._comm, _state_buffers, state_dict_timeout)
+            StateServer(self, self._comm, ShardBucket.state_buffers, state_dict_timeout)
             if self._comm.distributed
             else None
         )
@@ -528,6 +230,7 @@ class ShardedAdamW(Optimizer):
                 if self._overlap:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
             self._buckets.append(bucket)
+        self._gather.added()
 
     def _check_same_on_every_rank(self, gi: int, params: list, names: list) -> None:
         """Every rank must pass the same parameters, on its current CUDA device if on CUDA;
@@ -579,7 +282,7 @@ class ShardedAdamW(Optimizer):
             return
         if not self._in_backward:
             self._in_backward = True
-            self._pool.bind(self._buckets, staging=True)
+            self._pool.bind(self._buckets)
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         bucket, _ = self._slot[p]
         bucket.ready += 1
@@ -604,21 +307,57 @@ class ShardedAdamW(Optimizer):
         self._reduced = True
 
     def _launch(self, bucket: ShardBucket) -> None:
-        grads = bucket.local_grads()
+        grads = [self._local_grad(bucket, i, p) for i, p in enumerate(bucket.params)]
+        self.launch_reduce_scatter(bucket, grads)
+        for p in bucket.params:  # ZeRO-2: the shard now holds this rank's part
+            p.grad = None
+
+    def launch_reduce_scatter(self, bucket: ShardBucket, grads: list) -> None:
+        """Stage ``grads`` in a pool slot and launch the bucket's reduce-scatter (standalone,
+        and from the DDP comm hook where it stages)."""
         self._pool.acquire(bucket)
         handle = bucket.reduce_scatter(self._comm, grads, async_op=self._overlap)
         self._pool.hold(bucket, handle)
         self._pending.append(handle)
-        for p in bucket.params:  # ZeRO-2: the shard now holds this rank's part
-            p.grad = None
+
+    def arrived(self, bucket: ShardBucket, i: int, grad: torch.Tensor) -> None:
+        """Attached, where the DDP hook stages: DDP hands over parameter ``i``'s local
+        gradient (a view of DDP's bucket, valid until the next backward); the bucket's
+        reduce-scatter is launched once all of its gradients are in."""
+        if not bucket.ready:
+            bucket.arrivals = [None] * len(bucket.params)
+        bucket.arrivals[i] = grad
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):
+            self._launch_arrived(bucket)
+
+    def _launch_arrived(self, bucket: ShardBucket) -> None:
+        self._pool.bind(self._buckets)
+        self.launch_reduce_scatter(bucket, bucket.arrivals)
+        bucket.arrivals, bucket.ready = [], 0
+
+    def _local_grad(self, bucket: ShardBucket, i: int, p: torch.Tensor) -> torch.Tensor | None:
+        """``p.grad``, recording that it exists (torch AdamW skips parameters without one)."""
+        g = p.grad
+        if g is not None:
+            if g.is_sparse:
+                raise RuntimeError(
+                    "ShardedAdamW does not support sparse gradients "
+                    f"(parameter {self._name(p)}); use torch.optim.SparseAdam"
+                )
+            bucket.present[i] = True
+        return g
 
     def _finish_reduction(self) -> None:
         """Make sure every bucket's gradient shard is reduced and complete."""
         if self._ddp is None and (self._local_pending or not self._reduced):
-            self._pool.bind(self._buckets, staging=True)
+            self._pool.bind(self._buckets)
             for bucket in self._buckets:
                 self._launch(bucket)
             self._local_pending = False
+        for bucket in self._buckets:  # attached: DDP left a bucket incomplete (missing = 0)
+            if self._ddp is not None and bucket.ready:
+                self._launch_arrived(bucket)
         self._reduced = True
         with record_function("sharded_adamw.reduce_scatter_wait"):
             self._wait_pending()
@@ -737,6 +476,10 @@ class ShardedAdamW(Optimizer):
         if not self._buckets:
             return loss
         check_late_process_group(self)
+        self.sync_params()
+        for b in self._buckets:
+            if not b.adopted():  # given new storage (``model.double().float()``, ``p.data =``)
+                b.adopt()
         for p in self._frozen:
             if p.grad is not None:
                 raise RuntimeError(
@@ -772,22 +515,69 @@ class ShardedAdamW(Optimizer):
         with self._state_lock():  # a state_dict() being served finishes first
             if self._server is not None:
                 self._server.updates_started += 1
-        self._pool.bind(self._buckets, staging=self._ddp is None)
-        for bucket, bp in zip(self._buckets, present):
-            if not any(bp):
-                continue
-            self._pool.acquire(bucket)  # wait for, and copy out, the slot's last user
-            with record_function("sharded_adamw.update"):
-                bucket.update(bp)
-            with record_function("sharded_adamw.all_gather"):
-                handle = self._comm.all_gather_params(
-                    bucket.gathered, bucket.copy_out, async_op=self._overlap
-                )
-            self._pool.hold(bucket, handle)
-        with record_function("sharded_adamw.all_gather_wait"):
-            self._pool.drain()
+        stepped = self._update(present)
+        self._gather.launch(stepped)
         self._after_step()
         return loss
+
+    def _update(self, present: list[list[bool]]) -> set[ShardBucket]:
+        """AdamW in place on every owned shard that has a gradient; returns those buckets.
+
+        One call of torch's implementation per param group covers all of its buckets whose
+        parameters all step from one count (each bucket's ``steps[0]`` stands for its
+        parameters; the other step tensors follow in one add). Buckets where some parameter
+        had no gradient on any rank, or whose counts differ (a partial load), get a call of
+        their own over the owned parts of the parameters that step. AdamW is elementwise and
+        the bias corrections depend on the count alone, so either way the bits are those of
+        ``torch.optim.AdamW``. Low-precision parameters are updated in their fp32 masters,
+        then rounded into the parameters' shards."""
+        together: dict[int, tuple[dict, list[ShardBucket]]] = {}
+        stepped = set()
+        with record_function("sharded_adamw.update"):
+            for b, bp in zip(self._buckets, present):
+                if not any(bp):
+                    continue
+                stepped.add(b)
+                b.sync_masters()
+                if b.group["amsgrad"] and b.max_exp_avg_sq is None:
+                    b.max_exp_avg_sq = b._zeros(b.layout.shard_numel)
+                if b.uniform(bp):
+                    together.setdefault(id(b.group), (b.group, []))[1].append(b)
+                else:
+                    self._update_some(b, bp)
+            for group, buckets in together.values():
+                torch._foreach_add_([b.other_steps for b in buckets], 1)
+                adamw_update(
+                    [b.shard if b.master is None else b.master for b in buckets],
+                    [b.grad for b in buckets],
+                    [b.exp_avg for b in buckets],
+                    [b.exp_avg_sq for b in buckets],
+                    [b.max_exp_avg_sq for b in buckets] if group["amsgrad"] else [],
+                    [b.first_step for b in buckets],
+                    group,
+                )
+                for b in buckets:
+                    b.advanced(b.present_all)
+            masters = [b for b in self._buckets if b in stepped and b.master is not None]
+            if masters:
+                torch._foreach_copy_([b.shard for b in masters], [b.master for b in masters])
+        return stepped
+
+    @staticmethod
+    def _update_some(b: ShardBucket, present: list[bool]) -> None:
+        """AdamW on the owned parts of the parameters of ``b`` that step (``_update``)."""
+        idx = [i for i, ok in enumerate(present) if ok]
+        cut = lambda t: [b.owned(t, i) for i in idx]  # noqa: E731
+        adamw_update(
+            cut(b.shard if b.master is None else b.master),
+            cut(b.grad),
+            cut(b.exp_avg),
+            cut(b.exp_avg_sq),
+            cut(b.max_exp_avg_sq) if b.group["amsgrad"] else [],
+            [b.steps[i] for i in idx],
+            b.group,
+        )
+        b.advanced(present)
 
     def _after_step(self) -> None:
         """A step consumes the averaged gradient: the next backward starts the shards afresh,
@@ -810,7 +600,17 @@ class ShardedAdamW(Optimizer):
             handle.wait()
         self._pending.clear()
 
+    def sync_params(self) -> None:
+        """Wait for the parameter all-gathers still in flight (``overlap_param_gather``).
+
+        Forward, ``model.state_dict()``, ``model.load_state_dict()`` and this optimizer's own
+        methods wait by themselves; call this before reading ``p.data`` by hand between
+        ``step()`` and the next forward (an EMA of the weights, for instance). A no-op when
+        nothing is in flight."""
+        self._gather.wait_all()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self.sync_params()
         self._wait_pending()  # reductions in flight belong to the discarded batch
         super().zero_grad(set_to_none=set_to_none)
         self._clear_grads()
@@ -827,6 +627,7 @@ class ShardedAdamW(Optimizer):
         nothing extra. Low-precision parameters add their fp32 master weights under
         ``master_param``.
         """
+        self.sync_params()
         index: dict = {}
         groups = []
         for g in self.param_groups:
@@ -834,7 +635,7 @@ class ShardedAdamW(Optimizer):
             index.update((p, start + j) for j, p in enumerate(g["params"]))
             packed = {k: v for k, v in g.items() if k != "params"}
             groups.append({**packed, "params": list(range(start, len(index)))})
-        entries = state_entries(self._buckets, _state_buffers, self._server)
+        entries = state_entries(self._buckets, ShardBucket.state_buffers, self._server)
         state = {index[p]: entry for p, entry in entries.items()}
         return {"state": state, "param_groups": groups}
 
@@ -903,6 +704,7 @@ class ShardedAdamW(Optimizer):
                         f"{tuple(entry[key].shape)}, the parameter has {tuple(p.shape)}"
                     )
         entries = {p: state[pid] for pid, p in by_id.items() if pid in state}
+        self.sync_params()
         with self._state_load():
             self._load_entries(entries, saved_groups)
 
@@ -915,12 +717,12 @@ class ShardedAdamW(Optimizer):
             b.load_steps([float(entries.get(p, {}).get("step", 0)) for p in b.params])
             for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
                 entry = entries.get(p, {})
-                for key, buf in _state_buffers(b).items():
-                    view = b.views(buf, i)
+                for key, buf in b.state_buffers().items():
+                    view = b.owned(buf, i)
                     if key in entry:
                         view.copy_(entry[key].reshape(-1)[slot.start : slot.end])
                     elif key == "master_param":
-                        view.copy_(p.detach().reshape(-1)[slot.start : slot.end])
+                        view.copy_(b.param_owned(i))
                     else:
                         view.zero_()
                 self.state[p] = b.state_of(i)
@@ -962,16 +764,6 @@ class ShardedAdamW(Optimizer):
                 if q is p:
                     return _label(gi, j, None, p)
         return f"parameter of shape {tuple(p.shape)}"
-
-
-def _state_buffers(b: ShardBucket) -> dict[str, torch.Tensor]:
-    """A bucket's state shards under their state-dict keys."""
-    bufs = {"exp_avg": b.exp_avg, "exp_avg_sq": b.exp_avg_sq}
-    if b.max_exp_avg_sq is not None:
-        bufs["max_exp_avg_sq"] = b.max_exp_avg_sq
-    if b.master is not None:
-        bufs["master_param"] = b.master
-    return bufs
 
 
 def _check_hyperparams(group: dict, gi: int) -> None:

@@ -263,12 +263,12 @@ def state_entries(
     else:
         shards = server.gather(buckets)
     for rank, bi, key, shard in shards:
+        layout = buckets[bi].layout
         for i, entry in entries[bi].items():
-            slot = buckets[bi].layout.slots[i]
-            lo = rank * slot.chunk
-            n = min(slot.chunk, slot.numel - lo)
-            if n > 0:
-                entry[key].view(-1)[lo : lo + n].copy_(shard[slot.offset : slot.offset + n])
+            lo, hi = layout.ranges(i)[rank]
+            if hi > lo:  # where that rank's shard holds the range: see layout.py
+                at = layout.slots[i].base + lo - rank * layout.shard_numel
+                entry[key].view(-1)[lo:hi].copy_(shard[at : at + hi - lo])
     return {b.params[i]: e for b, be in zip(buckets, entries) for i, e in be.items()}
 
 

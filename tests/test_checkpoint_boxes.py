@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sharded_adamw.boxes import flat_range_boxes
-from sharded_adamw.layout import owned_range
+from sharded_adamw.layout import plan_buckets
 
 SHAPES = [(7,), (3, 5), (2, 3, 4), (4, 1, 3), (1, 1, 5), (2, 3, 4, 5), (5, 0, 2)]
 
@@ -37,12 +37,16 @@ def test_a_rows_aligned_range_is_one_box_and_a_ragged_one_three():
 
 
 def test_every_ranks_boxes_tile_the_parameter():
-    """The optimizer's ``torch.chunk`` ownership, turned into boxes, covers each element once."""
-    for shape in [(37, 13), (13, 29), (2, 3, 4, 5), (29,)]:
-        for world in (2, 3, 4, 7):
+    """The optimizer's ownership (``layout.py``: contiguous shards of a bucket), turned into
+    boxes, covers each element of every parameter once."""
+    shapes = [(37, 13), (13, 29), (2, 3, 4, 5), (29,)]
+    for world in (2, 3, 4, 7):
+        params = [(i, (), math.prod(shape), 4) for i, shape in enumerate(shapes)]
+        (layout,) = plan_buckets(params, world, 0, bucket_cap_bytes=1 << 30)
+        for i, shape in enumerate(shapes):
             hits = torch.zeros(shape, dtype=torch.int64)
-            for rank in range(world):
-                for box in flat_range_boxes(shape, *owned_range(math.prod(shape), world, rank)):
+            for start, end in layout.ranges(i):
+                for box in flat_range_boxes(shape, start, end):
                     hits[tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))] += 1
             assert bool((hits == 1).all()), (shape, world)
 

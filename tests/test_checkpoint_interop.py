@@ -46,7 +46,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sharded_adamw import ShardedAdamW
 from sharded_adamw.boxes import flat_range_boxes
 from sharded_adamw.checkpoint import CheckpointError, _no_dist, load_checkpoint, save_checkpoint
-from sharded_adamw.layout import owned_range
 
 from . import distributed
 from .models import VOCAB, TinyLM, loss_fn, param_groups
@@ -364,22 +363,37 @@ def test_param_groups_are_those_torch_writes(interop):
 
 
 def test_each_rank_wrote_exactly_the_boxes_of_its_owned_range(interop):
+    """Each rank's pieces of a state tensor are the boxes of one contiguous flat range, and
+    the ranks' ranges partition the tensor in rank order (``layout.py``)."""
     md = _metadata(interop[0] / "from_ours")
     model = TinyLM()
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    checked = 0
+    pieces: dict = {}
     for index, info in md.storage_data.items():
         fqn = index.fqn
         if not fqn.startswith("optim.state.") or fqn.endswith(".step"):
             continue
-        name = fqn[len("optim.state.") :].rpartition(".")[0]
         rank = int(info.relative_path.split("_")[2])  # __<rank>_0.distcp
-        shape = shapes[name]
         chunk = next(c for c in md.state_dict_metadata[fqn].chunks if c.offsets == index.offset)
-        boxes = flat_range_boxes(shape, *owned_range(math.prod(shape), 3, rank))
-        assert (tuple(chunk.offsets), tuple(chunk.sizes)) in [(b.offsets, b.sizes) for b in boxes]
-        checked += 1
-    assert checked > 2 * 3 * len(shapes)  # a state tensor is more than one box per rank
+        pieces.setdefault(fqn, {}).setdefault(rank, []).append(chunk)
+    checked = 0
+    for fqn, by_rank in pieces.items():
+        shape = shapes[fqn[len("optim.state.") :].rpartition(".")[0]]
+        strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
+        ends = 0
+        for rank in sorted(by_rank):
+            flat = sorted(
+                (sum(o * s for o, s in zip(c.offsets, strides)), math.prod(c.sizes), c)
+                for c in by_rank[rank]
+            )
+            start, end = flat[0][0], flat[-1][0] + flat[-1][1]
+            assert start == ends, (fqn, rank)  # the ranks' ranges follow each other
+            boxes = [(b.offsets, b.sizes) for b in flat_range_boxes(shape, start, end)]
+            assert sorted(boxes) == sorted((tuple(c.offsets), tuple(c.sizes)) for *_, c in flat)
+            ends = end
+            checked += 1
+        assert ends == math.prod(shape), fqn
+    assert checked > len(pieces)  # some tensors are split over ranks
 
 
 def test_torch_written_checkpoint_with_a_cut_file_raises_and_changes_nothing(interop, tmp_path):

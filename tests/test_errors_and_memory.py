@@ -65,7 +65,7 @@ def test_sparse_gradients_are_rejected():
     emb = nn.Embedding(10, 3, sparse=True)
     for overlap in (True, False):  # raised in backward's hook, or in step() without hooks
         opt = ShardedAdamW(emb.parameters(), overlap_comm=overlap)
-        with pytest.raises(RuntimeError, match=r"sparse gradients \(parameter of shape \(10, 3\)"):
+        with pytest.raises(RuntimeError, match=r"sparse gradients \(parameter .*shape \(10, 3\)"):
             emb(torch.tensor([1, 2])).sum().backward()
             opt.step()
         emb.zero_grad()

@@ -1,41 +1,52 @@
-"""The ownership rule and bucket planning, without processes."""
+"""The bucket layout and the ownership rule (``layout.py``), without processes."""
 
 import pytest
-import torch
 
-from sharded_adamw import chunk_size, owned_range, plan_buckets
+from sharded_adamw import owned_range, plan_buckets, shard_size
 
 
-@pytest.mark.parametrize("numel", [1, 2, 3, 5, 7, 64, 481, 1000])
+@pytest.mark.parametrize("sizes", [[1], [5, 7, 64], [481, 1, 1000, 3], [10_000_001]])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
-def test_owned_ranges_partition_the_parameter_like_torch_chunk(numel, world):
-    ranges = [owned_range(numel, world, r) for r in range(world)]
-    chunks = torch.arange(numel).chunk(world)
-    covered = [i for s, e in ranges for i in range(s, e)]
-    assert covered == list(range(numel))
-    for r, (s, e) in enumerate(ranges):
-        assert e - s <= chunk_size(numel, world)
-        if r < len(chunks):
-            assert (s, e) == (chunks[r][0].item(), chunks[r][-1].item() + 1)
+def test_each_bucket_is_cut_into_equal_contiguous_shards_with_under_w_padding(sizes, world):
+    params = [(i, (), n, 4) for i, n in enumerate(sizes)]
+    (bucket,) = plan_buckets(params, world, 0, bucket_cap_bytes=1 << 40)
+    assert bucket.numel == sum(sizes)
+    assert bucket.padded_numel == bucket.shard_numel * world
+    assert 0 <= bucket.padded_numel - bucket.numel <= world - 1
+    base = 0
+    for s in bucket.slots:  # parameters one after the other, in the given order
+        assert s.base == base
+        base += s.numel
 
 
-def test_one_huge_tensor_splits_evenly():
-    sizes = [owned_range(10_000_001, 4, r) for r in range(4)]
-    owned = [e - s for s, e in sizes]
-    assert max(owned) - min(owned) <= 3
+@pytest.mark.parametrize("sizes", [[1], [5, 7, 64], [481, 1, 1000, 3], [13, 29, 13, 37]])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_the_ranks_owned_ranges_partition_every_parameter_in_rank_order(sizes, world):
+    params = [(i, (), n, 4) for i, n in enumerate(sizes)]
+    per_rank = [plan_buckets(params, world, r, 1 << 40)[0] for r in range(world)]
+    layout = per_rank[0]
+    S = layout.shard_numel
+    for i, n in enumerate(sizes):
+        ranges = layout.ranges(i)
+        assert [r for s, e in ranges for r in range(s, e)] == list(range(n))
+        for rank, (s, e) in enumerate(ranges):
+            slot = per_rank[rank].slots[i]
+            assert (slot.start, slot.end) == (s, e)
+            if e > s:  # the owned elements sit in that rank's shard where the bucket has them
+                assert slot.offset == slot.base + s - rank * S
+                assert 0 <= slot.offset and slot.offset + slot.owned <= S
 
 
-def test_buckets_respect_cap_and_keys_and_place_chunks_contiguously():
+def test_owned_range_clips_to_the_parameter():
+    # a bucket of 10 elements on 4 ranks: shards of 3; a parameter at [4, 9)
+    assert [owned_range(4, 5, 3, r) for r in range(4)] == [(0, 0), (0, 2), (2, 5), (5, 5)]
+    assert shard_size(10, 4) == 3
+
+
+def test_buckets_respect_cap_and_keys():
     params = [(i, ("g0",) if i < 4 else ("g1",), 100 + i, 4) for i in range(6)]
     buckets = plan_buckets(params, world_size=3, rank=1, bucket_cap_bytes=1300)
     assert [[s.index for s in b.slots] for b in buckets] == [[0, 1, 2], [3], [4, 5]]
-    for b in buckets:
-        offset = 0
-        for s in b.slots:
-            assert s.offset == offset and s.chunk == chunk_size(s.numel, 3)
-            assert (s.start, s.end) == owned_range(s.numel, 3, 1)
-            offset += s.chunk
-        assert b.padded_numel == 3 * b.shard_numel
 
 
 def test_a_parameter_larger_than_the_cap_gets_its_own_bucket():
@@ -45,6 +56,8 @@ def test_a_parameter_larger_than_the_cap_gets_its_own_bucket():
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="world_size"):
-        chunk_size(5, 0)
+        shard_size(5, 0)
+    with pytest.raises(ValueError, match="world_size"):
+        plan_buckets([(0, (), 5, 4)], 0, 0, 100)
     with pytest.raises(ValueError, match="bucket_cap_bytes"):
         plan_buckets([(0, (), 5, 4)], 2, 0, 0)

@@ -1,0 +1,291 @@
+"""One bucket's tensors, and the pool of staging buffers the buckets share.
+
+A ``ShardBucket`` owns the flat buffer its parameters live in (``layout.py``): after
+construction every parameter's ``.data`` is a view of it, so the all-gather writes the
+parameters in place and the update runs in place on this rank's shard, a contiguous slice of
+the same buffer. Beside it the bucket keeps this rank's shards of the AdamW state, of the
+averaged gradient and (for low-precision parameters) of the fp32 master weights.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+from .collectives import Comm, Handle
+from .layout import BucketLayout
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class ShardBucket:
+    """This rank's buffers for one bucket: the parameters' flat buffer, and the AdamW state,
+    gradient and master-weight shards."""
+
+    def __init__(
+        self,
+        layout: BucketLayout,
+        params: list[torch.nn.Parameter],
+        group: dict,
+        rank: int,
+        master_weights: bool,
+        reduce_dtype: torch.dtype | None,
+    ):
+        self.layout = layout
+        self.params = params
+        self.group = group
+        self.rank = rank
+        p0 = params[0]
+        self.device, self.param_dtype = p0.device, p0.dtype
+        low = self.param_dtype in LOW_PRECISION and master_weights
+        self.update_dtype = torch.float32 if low else self.param_dtype
+        self.reduce_dtype = reduce_dtype or self.update_dtype
+        S = layout.shard_numel
+        self.flat = torch.zeros(layout.padded_numel, dtype=self.param_dtype, device=self.device)
+        self.shard = self.flat[rank * S : (rank + 1) * S]  # this rank's part, updated in place
+        self._ptrs: list[int] = [0] * len(params)
+        self._versions = [-1] * len(params)
+        self.adopt()
+        self.master = self.shard.to(torch.float32, copy=True) if low else None
+        self.exp_avg = self._zeros(S)
+        self.exp_avg_sq = self._zeros(S)
+        self.max_exp_avg_sq = self._zeros(S) if group["amsgrad"] else None
+        self.grad = self._zeros(S)
+        self.has_grad = False
+        step_device = self.device if group["fused"] else torch.device("cpu")
+        self.steps = torch.zeros(len(params), dtype=torch.float32, device=step_device)
+        self.first_step = self.steps[0]  # stands for all when they step together
+        self.other_steps = self.steps[1:]  # then advanced by one add
+        self.present_all = [True] * len(params)
+        self._step_counts = array("f", [0.0] * len(params))  # see step_counts()
+        self._steps_version = self.steps._version
+        self.present = [False] * len(params)
+        self.reduced = [False] * len(params)  # attached: a reduction reached this slot
+        self.ready = 0  # gradients that arrived in the current backward
+        self.arrivals: list[torch.Tensor | None] = []  # attached, staging: DDP's views
+        self.staging: torch.Tensor | None = None  # a BufferPool slot, bound before use
+        self.slot: tuple = ()
+        self._staging_views: list[torch.Tensor] = []
+
+    def adopt(self) -> None:
+        """Make every parameter live in ``flat``: its values are copied in, then its ``.data``
+        points at its place (``_own_storage``). Parameters already there are left alone, so
+        this also re-adopts parameters given new storage since (``model.double().float()``,
+        ``p.data = ...``); a master weight is then re-seeded from the new value."""
+        for i, (p, s) in enumerate(zip(self.params, self.layout.slots)):
+            if p.data_ptr() == self._ptrs[i] and p.data_ptr() != 0:
+                continue
+            if p.dtype != self.param_dtype or p.device != self.device:
+                raise RuntimeError(
+                    f"ShardedAdamW: a parameter of shape {tuple(p.shape)} changed from "
+                    f"{self.param_dtype} on {self.device} to {p.dtype} on {p.device} after the "
+                    "optimizer was built; move or cast the model before constructing it"
+                )
+            if not p.is_contiguous():
+                raise RuntimeError(
+                    f"ShardedAdamW needs contiguous parameters; a parameter of shape "
+                    f"{tuple(p.shape)} has strides {p.stride()} (transposed or channels_last)"
+                )
+            view = self.flat[s.base : s.base + s.numel].view(p.shape)
+            view.copy_(p.data)
+            p.data = _own_storage(view)
+            self._ptrs[i] = p.data_ptr()
+            self._versions[i] = -1  # makes sync_masters compare this parameter
+
+    def adopted(self) -> bool:
+        """Whether every parameter still is its view of ``flat`` (one pointer per parameter)."""
+        return [p.data_ptr() for p in self.params] == self._ptrs
+
+    def slot_bytes(self) -> int:
+        """Bytes of pool slot this bucket's reduce-scatter input needs (reduce dtype)."""
+        return self.layout.padded_numel * self.reduce_dtype.itemsize
+
+    def bind(self, buffer: torch.Tensor) -> None:
+        """Use the byte buffer ``buffer`` for this bucket's reduce-scatter input and
+        precompute each parameter's view of it, so a backward makes no per-parameter views."""
+        self.staging = buffer[: self.slot_bytes()].view(self.reduce_dtype)
+        self._staging_views = [self.staging[s.base : s.base + s.numel] for s in self.layout.slots]
+
+    def owned(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Slot ``i``'s owned part of a shard-shaped tensor (empty where this rank owns none)."""
+        s = self.layout.slots[i]
+        return flat[s.offset : s.offset + s.owned]
+
+    def param_owned(self, i: int) -> torch.Tensor:
+        """This rank's owned elements of parameter ``i`` (a view of the parameter)."""
+        return self.owned(self.shard, i)
+
+    def reduce_scatter(
+        self, comm: Comm, grads: list[torch.Tensor | None], async_op: bool
+    ) -> Handle:
+        """Average ``grads`` (one per parameter, None for no gradient, which counts as zeros)
+        into this rank's gradient shard, adding to what the shard already holds since the
+        last step (so no micro-batch is lost).
+
+        The one copy of the data path that ZeRO-2 needs: the gradients go into the staging
+        buffer in the bucket's layout (zeros for missing ones and the padding), then one
+        collective averages it into the shard."""
+        staging = self.staging
+        have = [(d, g.reshape(-1)) for d, g in zip(self._staging_views, grads) if g is not None]
+        if len(have) == len(grads):
+            torch._foreach_copy_(self._staging_views, [g for _, g in have])
+        else:
+            for d, g in zip(self._staging_views, grads):
+                if g is None:
+                    d.zero_()
+            if have:
+                torch._foreach_copy_([d for d, _ in have], [g for _, g in have])
+        staging[self.layout.numel :].zero_()
+        accumulate, self.has_grad = self.has_grad, True
+        with record_function("sharded_adamw.reduce_scatter"):
+            return comm.reduce_scatter_grads(staging, self.grad, accumulate, async_op)
+
+    def sync_masters(self) -> None:
+        """Re-seed the master weights of parameters written outside the optimizer since the
+        last step (``model.load_state_dict``, DDP's initial broadcast, a re-adopted
+        parameter), where the parameter no longer equals its master rounded to the parameter
+        dtype: the parameter wins.
+
+        The optimizer's own writes (the update, the all-gather) go through ``flat``, which
+        does not bump ``p._version``; any in-place write through the parameter does. A write
+        of the same values (resuming from a checkpoint that also restores the masters) keeps
+        the fp32 masters. The comparison is decided on the device (``torch.where``), so it
+        never waits for it."""
+        versions = [p._version for p in self.params]
+        if self.master is None or versions == self._versions:
+            self._versions = versions
+            return
+        for i in range(len(self.params)):
+            if versions[i] != self._versions[i]:
+                master, current = self.owned(self.master, i), self.param_owned(i)
+                differs = (master.to(self.param_dtype) != current).any()
+                master.copy_(torch.where(differs, current, master))
+        self._versions = versions
+
+    def step_counts(self) -> array:
+        """The step counts of ``steps`` on the host, read without a device sync per step.
+
+        ``steps`` may live on the device (``fused``), so the uniform-step test of the update
+        reads this float32 mirror instead; ``advance`` moves both together. Every other
+        in-place write to ``steps`` or to one of its views (``load_steps``, checkpoint loading
+        through ``opt.state[p]["step"]``, a user's ``opt.state[p]["step"].fill_(n)``) bumps
+        the version counter that views share with ``steps``, and the mirror is then read
+        back once. A write through ``.data`` bumps no version counter and is not seen (as
+        for the parameters in ``sync_masters``)."""
+        if self.steps._version != self._steps_version:
+            self._step_counts = array("f", self.steps.tolist())
+            self._steps_version = self.steps._version
+        return self._step_counts
+
+    def uniform(self, present: list[bool]) -> bool:
+        """Whether every parameter steps, from the same count: then one step tensor serves the
+        whole shard (``steps[0]``; the others follow with ``other_steps``)."""
+        counts = self.step_counts()
+        return all(present) and counts.count(counts[0]) == len(counts)
+
+    def advanced(self, present: list[bool]) -> None:
+        """Record on the host mirror that the present parameters have taken a step."""
+        counts = self.step_counts()
+        for i, ok in enumerate(present):
+            if ok:
+                counts[i] += 1  # stored as float32, as on the step tensors
+        self._steps_version = self.steps._version
+
+    def load_steps(self, counts: list[float]) -> None:
+        """Set every slot's step count (one write), keeping the host mirror current."""
+        self.steps.copy_(torch.tensor(counts, dtype=torch.float32))
+        self._step_counts = array("f", counts)
+        self._steps_version = self.steps._version
+
+    def state_of(self, i: int) -> dict:
+        """The ``opt.state`` entry of slot ``i``: live views of this rank's owned elements."""
+        state = {
+            "step": self.steps[i],
+            "exp_avg": self.owned(self.exp_avg, i),
+            "exp_avg_sq": self.owned(self.exp_avg_sq, i),
+        }
+        if self.max_exp_avg_sq is not None:
+            state["max_exp_avg_sq"] = self.owned(self.max_exp_avg_sq, i)
+        if self.master is not None:
+            state["master_param"] = self.owned(self.master, i)
+        return state
+
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """The state shards under their state-dict keys."""
+        bufs = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        if self.max_exp_avg_sq is not None:
+            bufs["max_exp_avg_sq"] = self.max_exp_avg_sq
+        if self.master is not None:
+            bufs["master_param"] = self.master
+        return bufs
+
+    def _zeros(self, numel: int) -> torch.Tensor:
+        return torch.zeros(numel, dtype=self.update_dtype, device=self.device)
+
+
+def _own_storage(view: torch.Tensor) -> torch.Tensor:
+    """``view``'s memory as a tensor with a storage of its own, exactly its size, which keeps
+    the bucket buffer alive (a DLPack round trip: its deleter holds the view).
+
+    A plain view of the bucket would share the bucket's storage with the other parameters:
+    ``torch.save`` would then write the whole bucket for a single tensor, and safetensors
+    (accelerate's ``save_state``/``load_state``, ``save_model``) refuses or drops tensors
+    that do not cover their storage. With a storage per parameter, ``model.state_dict()``
+    stays what torch gives (tensors aliasing the live parameters), and the bucket lives as
+    long as any of them does."""
+    return from_dlpack(to_dlpack(view))
+
+
+class BufferPool:
+    """A few reusable bucket-sized byte buffers per device, shared in turn by the buckets'
+    reduce-scatter inputs.
+
+    Bucket ``i`` of a device uses slot ``i % size``. Before a bucket uses a slot, ``acquire``
+    waits for the collective that used it last (and runs its delivery), so at most ``size``
+    buckets' worth of staging exists at any time: the buffers live exactly as long as their
+    collective needs them. Views into the slots are made once, at bind.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.buffers: dict[torch.device, list[torch.Tensor]] = {}
+        self._users: dict[tuple, Handle] = {}  # slot -> the collective using it
+
+    def bind(self, buckets: list[ShardBucket]) -> None:
+        """Bind the buckets that have no staging yet (allocating the slots once)."""
+        if all(b.staging is not None for b in buckets):
+            return
+        self.drain()
+        need: dict[torch.device, int] = {}
+        for b in buckets:
+            need[b.device] = max(need.get(b.device, 0), b.slot_bytes())
+        for device, nbytes in need.items():
+            have = self.buffers.get(device)
+            if have is None or have[0].numel() < nbytes:
+                self.buffers[device] = [
+                    torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(self.size)
+                ]
+        counts: dict[torch.device, int] = {}
+        for b in buckets:
+            i = counts[b.device] = counts.get(b.device, -1) + 1
+            b.slot = (b.device, i % self.size)
+            b.bind(self.buffers[b.device][i % self.size])
+
+    def acquire(self, bucket: ShardBucket) -> None:
+        """Wait until the last collective that used ``bucket``'s slot is done."""
+        handle = self._users.pop(bucket.slot, None)
+        if handle is not None:
+            handle.wait()
+
+    def hold(self, bucket: ShardBucket, handle: Handle) -> None:
+        """Record that ``handle``'s collective uses ``bucket``'s slot until it is waited."""
+        self._users[bucket.slot] = handle
+
+    def drain(self) -> None:
+        """Wait for every collective that uses a slot."""
+        for handle in self._users.values():
+            handle.wait()
+        self._users.clear()
