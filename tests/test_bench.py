@@ -64,6 +64,73 @@ def test_quick_run_under_torchrun_reports_every_contender_with_ratios_and_writes
     assert png.exists() and png.stat().st_size > 0
 
 
+def _profile_tables(out: str) -> dict[tuple[str, str], dict[str, list[str]]]:
+    """``--profile`` output as {(size, contender): {row name: its other cells}}."""
+    tables = {}
+    for chunk in out.split("### ")[1:]:
+        heading, *body = chunk.splitlines()
+        size, name = heading.split(": ", 1)
+        lines = [ln for ln in body if ln.startswith("| ")]
+        cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+        assert cells[0] == ["row", "what is timed", "ms/step (max over ranks)", "calls/step"]
+        tables[(size, name)] = {c[0]: c[1:] for c in cells[1:]}
+    return tables
+
+
+def test_profile_mode_under_torchrun_prints_a_table_per_contender_with_ranges_and_copy_ops():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "sharded_adamw.cli", "bench", "--profile", "--quick", "--many-small"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bench --profile: world size 2" in proc.stdout
+    tables = _profile_tables(proc.stdout)
+    names = ["DDP + AdamW", "ShardedAdamW (standalone)", "ShardedAdamW (attach)"]
+    assert list(tables) == [(size, n) for size in ("tiny", "many-small") for n in names]
+    for (_, name), rows in tables.items():
+        ms = {row: float(cells[1]) for row, cells in rows.items()}
+        calls = {row: float(cells[2]) for row, cells in rows.items()}
+        for row in ("wall (no profiler)", "wall (profiled)", "bench.forward", "bench.backward"):
+            assert ms[row] > 0, (name, row)
+        assert 0 < ms["bench.step"] <= 1.05 * ms["wall (profiled)"] + 0.1, (name, rows)
+        assert calls["bench.step"] == 1 and calls["aten::copy_"] >= 1
+        assert rows["aten::copy_"][0] == "op, self CPU"
+        ops = [r for r in rows if r.startswith("aten::")]
+        assert ms["copy-like ops, sum"] == pytest.approx(
+            sum(ms[r] for r in ops), abs=0.01 * len(ops)
+        )
+        ours = [r for r in rows if r.startswith("sharded_adamw.")]
+        if name == "DDP + AdamW":
+            assert not ours
+            continue
+        for row in ("reduce_scatter_wait", "update", "all_gather_wait"):
+            assert "sharded_adamw." + row in ours, (name, ours)
+        assert rows["sharded_adamw.update"][0] == "range, total CPU"
+        assert calls["sharded_adamw.update"] >= 1
+        assert ms["sharded_adamw.update"] <= ms["bench.step"] + 0.01
+
+
+def test_profile_table_takes_each_row_from_the_largest_rank_per_step():
+    from sharded_adamw.bench.profile import Profile, profile_markdown
+
+    a = Profile("X", steps=2, wall=[0.010, 0.030], wall_profiled=[0.02, 0.02])
+    a.ranges = {"sharded_adamw.update": (4000.0, 2, 0.0), "bench.step": (9000.0, 2, 0.0)}
+    a.ops = {"aten::copy_": (1000.0, 8, 0.0)}
+    b = Profile("X", steps=2, wall=[0.020, 0.020], wall_profiled=[0.01, 0.01])
+    b.ranges = {"sharded_adamw.update": (6000.0, 2, 0.0), "sharded_adamw.new_range": (2.0, 4, 0.0)}
+    b.ops = {"aten::copy_": (500.0, 10, 0.0), "aten::cat": (800.0, 2, 0.0)}
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in profile_markdown([a, b]).splitlines()}
+    assert "| 25.00 | 1 |" in rows["wall (no profiler)"]  # (20 + 30) / 2
+    assert "| 20.00 | 1 |" in rows["wall (profiled)"]
+    assert "| range, total CPU | 3.00 | 1 |" in rows["sharded_adamw.update"]
+    assert "| 4.50 | 1 |" in rows["bench.step"]  # rank b has no such range: a's
+    assert "| 0.00 | 2 |" in rows["sharded_adamw.new_range"]  # any name, found generically
+    assert "| op, self CPU | 0.50 | 5 |" in rows["aten::copy_"]
+    assert "| 0.65 | 6 |" in rows["copy-like ops, sum"]  # rank b's sum: (500 + 800) / 2 us
+    order = list(rows)
+    assert order.index("bench.step") < order.index("sharded_adamw.new_range")
+
+
 # ---- the table ---------------------------------------------------------------------------------
 
 

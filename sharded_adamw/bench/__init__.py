@@ -26,7 +26,8 @@ and reports the memory bandwidth it achieves.
 
 The package: ``models`` (what is trained), ``contenders`` (how each setup trains it),
 ``counters`` (bytes held, sent and copied), ``run`` (the timed side-by-side run),
-``peak_memory`` (``--peak-memory``), ``copies`` (``--copy-bytes``), ``bandwidth``
+``peak_memory`` (``--peak-memory``), ``copies`` (``--copy-bytes``), ``profile``
+(``--profile``), ``bandwidth``
 (``--gpu-update-bandwidth``), ``report`` (tables, notes, chart) and ``command`` (the flags).
 """
 

@@ -15,6 +15,7 @@ from .contenders import CONTENDERS, LR
 from .copies import copy_table
 from .models import MANY_SMALL, MANY_SMALL_QUICK, SIZES, Size
 from .peak_memory import peak_table
+from .profile import PROFILE_NOTE, PROFILED, profile_all, profile_markdown
 from .report import GLOO_NOTE, NOTES, copy_markdown, environment, peak_markdown, plot, table
 from .run import Result, run_all
 
@@ -75,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "bf16) per element of the local shard, beside AdamW's own 28",
     )
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the side-by-side run, profile --steps steps (after --warmup) of "
+        f"{', '.join(PROFILED)} (or the --only ones) with torch.profiler and print, per "
+        "contender, ms per step: wall, the bench.* and sharded_adamw.* ranges, and the self "
+        "CPU time of copy-like aten ops",
+    )
+    p.add_argument(
         "--gpu-update-bandwidth",
         action="store_true",
         help="instead of the side-by-side run, time ShardedAdamW's local AdamW update at "
@@ -105,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             p.error(f"argument --only: unknown {unknown}; choose from {list(CONTENDERS)}")
         args.contenders = [n for n in CONTENDERS if n == "DDP + AdamW" or n in wanted]
+    args.profiled = args.contenders if args.only else list(PROFILED)
     if args.warmup < 0:
         p.error(f"argument --warmup: must be >= 0, got {args.warmup}")
     if args.peak_gbps is not None and not args.peak_gbps > 0:
@@ -141,6 +151,25 @@ def _batches(size: Size, args: argparse.Namespace, device: torch.device) -> list
     return out
 
 
+def _profile(sizes: dict[str, Size], args: argparse.Namespace, device: torch.device) -> None:
+    """``--profile``: a table per size and contender, printed on rank 0."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        print(f"\nsharded-adamw bench --profile: world size {world}, {environment(device)}")
+        batch = f"batch {args.batch_size} x {args.seq_len} tokens per rank"
+        print(f"{args.steps} steps without and {args.steps} under the profiler, after "
+              f"{args.warmup} warm-up, {batch}\n")  # fmt: skip
+    for label, size in sizes.items():
+        torch.manual_seed(0)
+        base = size.build(args.seq_len)
+        batches = _batches(size, args, device)
+        for per_rank in profile_all(base, batches, args.warmup, args.steps, device, args.profiled):
+            if rank == 0:
+                print(f"### {label}: {per_rank[0].name}\n\n{profile_markdown(per_rank)}\n")
+    if rank == 0:
+        print(PROFILE_NOTE, flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[Result]]:
     """Run the benchmark; returns the merged results per size (on every rank)."""
     args = parse_args(argv)
@@ -173,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[Result]]:
             rows = copy_table(size.build(args.seq_len), _batches(size, args, device)[0][0])
             if rank == 0:
                 print(f"### {label}\n\n{copy_markdown(rows, world)}\n", flush=True)
+        return {}
+    if args.profile:
+        _profile(sizes, args, device)
         return {}
     if rank == 0:
         print(f"\nsharded-adamw bench: world size {world}, {environment(device)}")
