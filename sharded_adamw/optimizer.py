@@ -523,9 +523,9 @@ class ShardedAdamW(Optimizer):
     def _update(self, present: list[list[bool]]) -> set[ShardBucket]:
         """AdamW in place on every owned shard that has a gradient; returns those buckets.
 
-        One call of torch's implementation per param group covers all of its buckets whose
-        parameters all step from one count (each bucket's ``steps[0]`` stands for its
-        parameters; the other step tensors follow in one add). Buckets where some parameter
+        One call of torch's implementation per run of a param group's buckets (``_runs``)
+        covers those whose parameters all step from one count (each bucket's ``steps[0]``
+        stands for its parameters; the other step tensors follow in one add). Buckets where some parameter
         had no gradient on any rank, or whose counts differ (a partial load), get a call of
         their own over the owned parts of the parameters that step. AdamW is elementwise and
         the bias corrections depend on the count alone, so either way the bits are those of
@@ -545,7 +545,7 @@ class ShardedAdamW(Optimizer):
                     together.setdefault(id(b.group), (b.group, []))[1].append(b)
                 else:
                     self._update_some(b, bp)
-            for group, buckets in together.values():
+            for group, buckets in self._runs(together.values()):
                 torch._foreach_add_([b.other_steps for b in buckets], 1)
                 adamw_update(
                     [b.shard if b.master is None else b.master for b in buckets],
@@ -562,6 +562,23 @@ class ShardedAdamW(Optimizer):
             if masters:
                 torch._foreach_copy_([b.shard for b in masters], [b.master for b in masters])
         return stepped
+
+    def _runs(self, groups) -> Iterator[tuple[dict, list[ShardBucket]]]:
+        """Each param group's buckets in runs of at most one bucket cap of shard bytes (at
+        least one bucket each): foreach AdamW allocates temporaries as large as its whole
+        input (``exp_avg_sq.sqrt()``), so one call over every shard would add a state-sized
+        buffer to the peak; a run of buckets keeps it to a bucket's worth, and a model of
+        many small tensors still gets few calls."""
+        for group, buckets in groups:
+            run, used = [], 0
+            for b in buckets:
+                size = b.layout.shard_numel * b.exp_avg.element_size()
+                if run and used + size > self._bucket_cap_bytes:
+                    yield group, run
+                    run, used = [], 0
+                run.append(b)
+                used += size
+            yield group, run
 
     @staticmethod
     def _update_some(b: ShardBucket, present: list[bool]) -> None:
