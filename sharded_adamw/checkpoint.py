@@ -105,6 +105,7 @@ def save_checkpoint(
     """
     path = Path(path)
     opt = _sharded(optimizer)
+    opt.sync_params()  # parameter all-gathers in flight (overlap_param_gather) land first
     module = _unwrap(model)
     ranks = _Ranks(opt)
     names = _param_names(module, opt)
@@ -174,6 +175,7 @@ def load_checkpoint(
     dict passed to ``save_checkpoint`` (empty for a checkpoint written by DCP alone).
     """
     opt = _sharded(optimizer)
+    opt.sync_params()  # an all-gather in flight would overwrite what is loaded
     module = _unwrap(model)
     ranks = _Ranks(opt)
     names = _param_names(module, opt)

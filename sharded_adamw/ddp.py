@@ -211,6 +211,7 @@ def attach(opt: "ShardedAdamW", model: torch.nn.Module) -> None:
             state.accumulators.append(node)
             opt._hooks.append(node.register_hook(lambda *_, p=p: state.release(p, model)))
     opt._ddp = model
+    opt._gather.watch(model.module)
 
 
 def _pair(opt: "ShardedAdamW", model: DistributedDataParallel) -> None:

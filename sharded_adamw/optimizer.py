@@ -525,12 +525,12 @@ class ShardedAdamW(Optimizer):
 
         One call of torch's implementation per run of a param group's buckets (``_runs``)
         covers those whose parameters all step from one count (each bucket's ``steps[0]``
-        stands for its parameters; the other step tensors follow in one add). Buckets where some parameter
-        had no gradient on any rank, or whose counts differ (a partial load), get a call of
-        their own over the owned parts of the parameters that step. AdamW is elementwise and
-        the bias corrections depend on the count alone, so either way the bits are those of
-        ``torch.optim.AdamW``. Low-precision parameters are updated in their fp32 masters,
-        then rounded into the parameters' shards."""
+        stands for its parameters; the other step tensors follow in one add). Buckets where
+        some parameter had no gradient on any rank, or whose counts differ (a partial load),
+        get a call of their own over the owned parts of the parameters that step. AdamW is
+        elementwise and the bias corrections depend on the count alone, so either way the bits
+        are those of ``torch.optim.AdamW``. Low-precision parameters are updated in their fp32
+        masters, then rounded into the parameters' shards."""
         together: dict[int, tuple[dict, list[ShardBucket]]] = {}
         stepped = set()
         with record_function("sharded_adamw.update"):
@@ -627,8 +627,11 @@ class ShardedAdamW(Optimizer):
         self._gather.wait_all()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.sync_params()
-        self._wait_pending()  # reductions in flight belong to the discarded batch
+        """Drop the gradients (``p.grad`` and the shards). Waits for gradient reductions in
+        flight, which belong to the discarded batch; not for parameter all-gathers: it reads
+        no parameter, and the usual ``step(); zero_grad()`` would otherwise wait for them
+        before the forward they should hide behind."""
+        self._wait_pending()
         super().zero_grad(set_to_none=set_to_none)
         self._clear_grads()
 

@@ -13,8 +13,10 @@ bucket launched before them; a module whose forward order differs from the bucke
 waits for exactly what it reads. Every module that holds one of the parameters also gets
 ``state_dict`` and ``load_state_dict`` pre-hooks that wait for all of them; they are
 registered the first time a forward reaches any module containing it (the root module is the
-first). The optimizer's own entry points (``step``, ``zero_grad``, ``state_dict``,
-``load_state_dict``, checkpoint save and load) wait first as well. A compiled module
+first). The optimizer's own entry points that read or write parameters or state (``step``,
+``state_dict``, ``load_state_dict``, checkpoint save and load) wait first as well;
+``zero_grad`` touches gradients only and does not wait, so ``step(); zero_grad()`` keeps the
+all-gathers behind the next forward. A compiled module
 (``torch.compile``) waits for all of them before it runs: its inner modules' hooks do not run
 one by one.
 
@@ -125,10 +127,13 @@ class ParamGather:
             with record_function("sharded_adamw.param_gather_wait"):
                 self._wait_through(position)
 
-    def _learn(self, module: torch.nn.Module) -> int:
-        """Where in the forward order ``module``'s own parameters are (-1: it has none of
-        ours); the first time a module is met, its bucket joins the order, and its
-        submodules holding our parameters get the state-dict hooks."""
+    def watch(self, module: torch.nn.Module) -> None:
+        """Give every submodule of ``module`` that holds one of the parameters ``state_dict``
+        and ``load_state_dict`` pre-hooks that wait for the all-gathers in flight (once per
+        module; only with ``overlap_param_gather``). Done for the first module each forward
+        reaches, and by ``attach`` for the DDP model's module before any forward."""
+        if not self.overlap:
+            return
         ref = weakref.ref(self)
 
         def wait(*args) -> None:
@@ -142,6 +147,12 @@ class ParamGather:
                 if any(p in self._bucket_of for p in m.parameters(recurse=False)):
                     m.register_state_dict_pre_hook(wait)
                     m._register_load_state_dict_pre_hook(wait)
+
+    def _learn(self, module: torch.nn.Module) -> int:
+        """Where in the forward order ``module``'s own parameters are (-1: it has none of
+        ours); the first time a module is met, its bucket joins the order, and it is
+        watched (``watch``)."""
+        self.watch(module)
         if _is_compiled(module):
             self._position[module] = _ALL
             return _ALL

@@ -160,7 +160,7 @@ def _train(rank: int, make, mode: str, overlap: bool, steps: int = 5) -> dict:
             for e, p in zip(ema, model.parameters()):
                 e.mul_(0.9).add_(p.data, alpha=0.1)
             read = [e.clone() for e in ema]
-        else:
+        else:  # zero_grad reads no parameter, so it leaves the all-gathers in flight
             opt.zero_grad()
             read = None
         seen["in flight after reader"].append(bool(opt._gather._pending))
@@ -230,7 +230,8 @@ def test_overlap_param_gather_leaves_gathers_in_flight_and_every_reader_waits(ru
     for r in overlap:
         for key in ("tinylm standalone", "tinylm attach", "shuffled standalone"):
             assert all(r[f"{key}: in flight after step"]), key
-            assert not any(r[f"{key}: in flight after reader"]), key
+            after = r[f"{key}: in flight after reader"]  # readers by step % 4; 3 is zero_grad
+            assert after == [step % 4 == 3 for step in range(len(after))], key
             assert r[f"{key}: off never in flight"], key
 
 

@@ -7,6 +7,7 @@ matrices, 0 on vectors) for the optimizer that runs the update."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,10 +159,10 @@ def _sharded_held(model: nn.Module, opt: ShardedAdamW) -> Callable[[], dict]:
     }
 
 
-def sharded_attached(model: nn.Module, device: torch.device) -> Trainer:
+def sharded_attached(model: nn.Module, device: torch.device, **options) -> Trainer:
     """ShardedAdamW attached to DDP: DDP's comm hook reduce-scatters (ZeRO-1 memory)."""
     net = _ddp(model, device)
-    opt = ShardedAdamW(weight_decay_groups(model), lr=LR, foreach=True)
+    opt = ShardedAdamW(weight_decay_groups(model), lr=LR, foreach=True, **options)
     opt.attach(net)
     return Trainer(
         net, lambda loss: loss.backward(), _torch_steps(opt), _sharded_held(model, opt), opt
@@ -182,9 +183,9 @@ def sharded_attached_view(model: nn.Module, device: torch.device) -> Trainer:
     )
 
 
-def sharded_standalone(model: nn.Module, device: torch.device) -> Trainer:
+def sharded_standalone(model: nn.Module, device: torch.device, **options) -> Trainer:
     """ShardedAdamW on its own: gradient hooks reduce-scatter during backward (ZeRO-2)."""
-    opt = ShardedAdamW(weight_decay_groups(model), lr=LR, foreach=True)
+    opt = ShardedAdamW(weight_decay_groups(model), lr=LR, foreach=True, **options)
     return Trainer(
         model, lambda loss: loss.backward(), _torch_steps(opt), _sharded_held(model, opt), opt
     )
@@ -205,5 +206,11 @@ CONTENDERS: dict[str, Callable[[nn.Module, torch.device], Trainer]] = {
     "ShardedAdamW (attach)": sharded_attached,
     "ShardedAdamW (attach, bucket view)": sharded_attached_view,
     "ShardedAdamW (standalone)": sharded_standalone,
+    "ShardedAdamW (attach, overlap_param_gather)": functools.partial(
+        sharded_attached, overlap_param_gather=True
+    ),
+    "ShardedAdamW (standalone, overlap_param_gather)": functools.partial(
+        sharded_standalone, overlap_param_gather=True
+    ),
     "ShardedAdamW bf16 (standalone)": sharded_bf16,
 }
