@@ -143,7 +143,10 @@ def _reduce_scatter_hook(
 def _copy_or_add(
     dst: list[torch.Tensor], src: list[torch.Tensor], add: list[bool], scale: float
 ) -> None:
-    """``dst[k] += scale * src[k]`` where ``add[k]``, else ``dst[k] = scale * src[k]``."""
+    """``dst[k] += scale * src[k]`` where ``add[k]``, else ``dst[k] = scale * src[k]`` (a DDP
+    bucket may hold nothing this rank owns: nothing to do)."""
+    if not dst:
+        return
     if not any(add):
         torch._foreach_copy_(dst, src)
         if scale != 1.0:

@@ -84,12 +84,16 @@ def _views_keep_working(rank: int, world: int) -> dict:
         torch.manual_seed(0)
         ref_model = TinyLM()
         model = copy.deepcopy(ref_model)
-        ref = DDP(ref_model) if mode == "attach" else _Averaged(ref_model)
+        # attached: small DDP buckets, one optimizer bucket per group, so that some DDP
+        # buckets hold nothing a rank owns (the reference DDP is bucketed alike: on gloo the
+        # order of a sum over 3 ranks depends on the offset in the bucket)
+        small = 0.0005
+        ref = DDP(ref_model, bucket_cap_mb=small) if mode == "attach" else _Averaged(ref_model)
         ref_opt = torch.optim.AdamW(param_groups(ref_model))
-        opt = ShardedAdamW(param_groups(model), bucket_cap_mb=CAP_MB)
+        opt = ShardedAdamW(param_groups(model), bucket_cap_mb=CAP_MB if mode != "attach" else 25)
         net = model
         if mode == "attach":
-            net = DDP(model)
+            net = DDP(model, bucket_cap_mb=small)
             opt.attach(net)
         out[f"{mode}: views after construction"] = _in_flat(opt)
         out[f"{mode}: tied head is the embedding"] = model.head.weight is model.emb.weight
