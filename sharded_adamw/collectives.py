@@ -159,7 +159,7 @@ class Comm:
         self._count("reduce_scatter", staging)
         scale = self._scale_for(staging)
         if not self.distributed:
-            return Handle(None, lambda: _deliver(staging[:n], into, accumulate, scale))
+            return Handle(None, lambda: deliver(staging[:n], into, accumulate, scale))
         if self.in_place:
             work = dist.all_reduce(staging, group=self.shard_group, async_op=async_op)
             result = staging[self.rank * n : (self.rank + 1) * n]
@@ -206,7 +206,7 @@ class Comm:
         if self.replicate_group is not None:
             self._count("all_reduce", result)
             dist.all_reduce(result, group=self.replicate_group)
-        _deliver(result, into, accumulate, scale)
+        deliver(result, into, accumulate, scale)
 
     def all_gather_params(self, flat: torch.Tensor, async_op: bool) -> Handle:
         """All-gather a bucket in place: this rank's updated shard of ``flat`` (the buffer the
@@ -263,7 +263,7 @@ class Comm:
         return stats
 
 
-def _deliver(result: torch.Tensor, into: torch.Tensor, accumulate: bool, scale: float) -> None:
+def deliver(result: torch.Tensor, into: torch.Tensor, accumulate: bool, scale: float) -> None:
     """Write an averaged shard, times ``scale``, into its destination (one kernel; nothing to
     do when the collective wrote it there)."""
     if result is into:

@@ -33,7 +33,7 @@ from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 
 from . import registry
-from .collectives import completed_future
+from .collectives import completed_future, deliver
 
 # The optimizer calls into this module (``attach``); here its class is only a type hint, quoted
 # because DDP reads the comm hook's annotations at runtime (no ``from __future__ import
@@ -74,23 +74,40 @@ class _HookState:
 
     def route(self, bucket: dist.GradBucket) -> tuple:
         """For a DDP bucket: its parameters, the (bucket, slot) of each in the optimizer, the
-        owned views of DDP's buffer and of the shards (for an in-place average), and the
-        reduce dtype."""
+        runs of owned elements to deliver from DDP's buffer to the shards after an in-place
+        average, and the reduce dtype.
+
+        A run is a stretch that is contiguous both in DDP's buffer and in one gradient shard
+        (consecutive parameters, in the same order in both, as DDP's buckets and ours usually
+        are), so it is delivered by one kernel; each run keeps the parameters it covers."""
         params = bucket.parameters()
-        key = (tuple(id(p) for p in params), bucket.buffer().data_ptr())
+        buffer = bucket.buffer()
+        key = (tuple(id(p) for p in params), buffer.data_ptr())
         cached = self.routes.get(bucket.index())
         if cached is None or cached[0] != key:  # DDP rebuilds its buckets after iteration 1;
             # replacing the route drops its views of the old buffer, so DDP can free it
             slots = [self.opt._slot[p] for p in params]
-            owned, owned_dst, owned_src = [], [], []
+            flat, item = buffer.view(-1), buffer.element_size()
+            runs: list[list] = []  # [shard bucket, dst start, src start, length, members]
             for j, ((b, i), g) in enumerate(zip(slots, bucket.gradients())):
                 s = b.layout.slots[i]
-                if s.owned:
-                    owned.append(j)
-                    owned_dst.append(b.owned(b.grad, i))
-                    owned_src.append(g.reshape(-1)[s.start : s.end])
+                if not s.owned:
+                    continue
+                src = (g.data_ptr() - buffer.data_ptr()) // item + s.start
+                last = runs[-1] if runs else None
+                if (
+                    last
+                    and last[0] is b
+                    and last[1] + last[3] == s.offset
+                    and (last[2] + last[3] == src)
+                ):
+                    last[3] += s.owned
+                    last[4].append(j)
+                else:
+                    runs.append([b, s.offset, src, s.owned, [j]])
+            views = [(b.grad[d : d + n], flat[r : r + n], members) for b, d, r, n, members in runs]
             reduce_dtype = slots[0][0].reduce_dtype
-            route = (params, slots, (owned, owned_dst, owned_src), reduce_dtype)
+            route = (params, slots, views, reduce_dtype)
             self.routes[bucket.index()] = cached = (key, route)
         return cached[1]
 
@@ -114,7 +131,7 @@ def _reduce_scatter_hook(
     ``p.grad`` (the local, unreduced gradient DDP copied into its bucket) is set to None:
     nothing should read it, and its memory is the full model's gradients.
     """
-    params, slots, (owned, owned_dst, owned_src), reduce_dtype = state.route(bucket)
+    params, slots, runs, reduce_dtype = state.route(bucket)
     opt = state.opt
     comm = opt._comm
     buffer = bucket.buffer()
@@ -128,10 +145,9 @@ def _reduce_scatter_hook(
             for b, i in slots:
                 b.reduced[i] = b.has_grad = True
             handle, scale = comm.average_in_place(buffer, async_op=True)
-            deliver = lambda: _copy_or_add(  # noqa: E731
-                owned_dst, owned_src, [accumulate[j] for j in owned], scale
+            opt._pending.append(
+                handle.and_then(lambda: _deliver_runs(runs, slots, bucket, accumulate, scale))
             )
-            opt._pending.append(handle.and_then(deliver))
         else:
             for (b, i), g in zip(slots, bucket.gradients()):
                 opt.arrived(b, i, g)
@@ -140,22 +156,23 @@ def _reduce_scatter_hook(
     return completed_future(buffer)
 
 
-def _copy_or_add(
-    dst: list[torch.Tensor], src: list[torch.Tensor], add: list[bool], scale: float
+def _deliver_runs(
+    runs: list, slots: list, bucket: dist.GradBucket, accumulate: list[bool], scale: float
 ) -> None:
-    """``dst[k] += scale * src[k]`` where ``add[k]``, else ``dst[k] = scale * src[k]`` (a DDP
-    bucket may hold nothing this rank owns: nothing to do)."""
-    if not dst:
-        return
-    if not any(add):
-        torch._foreach_copy_(dst, src)
-        if scale != 1.0:
-            torch._foreach_mul_(dst, scale)
-    elif all(add):
-        torch._foreach_add_(dst, src, alpha=scale)
-    else:
-        for d, s, a in zip(dst, src, add):
-            _copy_or_add([d], [s], [a], scale)
+    """Write (or add, after a second synchronised backward) the averaged owned elements of a
+    DDP bucket into the shards, times ``scale``: one kernel per run, or per parameter in the
+    rare run whose parameters differ in whether to add."""
+    grads = None
+    for dst, src, members in runs:
+        add = {accumulate[j] for j in members}
+        if len(add) == 1:
+            deliver(src, dst, add.pop(), scale)
+            continue
+        grads = grads or bucket.gradients()
+        for j in members:
+            b, i = slots[j]
+            s = b.layout.slots[i]
+            deliver(grads[j].reshape(-1)[s.start : s.end], b.owned(b.grad, i), accumulate[j], scale)
 
 
 def attach(opt: "ShardedAdamW", model: torch.nn.Module) -> None:

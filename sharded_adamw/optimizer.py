@@ -395,17 +395,21 @@ class ShardedAdamW(Optimizer):
 
     def _check_finite(self, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
         """1.0 if this rank's gradient shards hold a NaN or inf, else 0.0 (local; one foreach
-        kernel per device and dtype). Multiplies the shards by ``inv_scale`` on the way, as
-        ``GradScaler.unscale_`` does to ``p.grad``."""
+        kernel per device and dtype). With ``inv_scale`` the shards are multiplied by it on
+        the way, as ``GradScaler.unscale_`` does to ``p.grad``; without, they are only read
+        (the largest magnitude of each shard, NaN if it holds one), not rewritten."""
         found = torch.zeros(1, dtype=torch.float32, device=self._buckets[0].device)
-        inv = torch.ones_like(found) if inv_scale is None else inv_scale.to(found.device)
         by_device: dict = {}
         for b in self._buckets:
             if b.has_grad:
                 by_device.setdefault((b.grad.device, b.grad.dtype), []).append(b.grad)
         for (device, _), shards in by_device.items():
-            f = torch.zeros(1, dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(shards, f, inv.to(device))
+            if inv_scale is None:
+                peaks = torch.stack(torch._foreach_norm(shards, float("inf")))
+                f = peaks.isfinite().logical_not().any().float()
+            else:
+                f = torch.zeros(1, dtype=torch.float32, device=device)
+                torch._amp_foreach_non_finite_check_and_unscale_(shards, f, inv_scale.to(device))
             found += f.to(found.device)
         return found
 
