@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .agreement import check_finite
 from .optimizer import ShardedAdamW
 
 
@@ -29,7 +30,7 @@ class ShardedGradScaler(torch.amp.GradScaler):
         if not isinstance(optimizer, ShardedAdamW):
             return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
         optimizer._finish_reduction()
-        found = optimizer._check_finite(inv_scale)
+        found = check_finite(optimizer._buckets, inv_scale)
         if optimizer._comm.distributed:
             optimizer._comm.all_reduce_(found, "max")
         found_inf.copy_(found.reshape(found_inf.shape).to(found_inf.device))

@@ -243,7 +243,8 @@ class BufferPool:
     """A few reusable bucket-sized byte buffers per device, shared in turn by the buckets'
     reduce-scatter inputs.
 
-    Bucket ``i`` of a device uses slot ``i % size``. Before a bucket uses a slot, ``acquire``
+    Bucket ``i`` of a device uses slot ``i % size`` (fewer slots where a device has fewer
+    buckets). Before a bucket uses a slot, ``acquire``
     waits for the collective that used it last (and runs its delivery), so at most ``size``
     buckets' worth of staging exists at any time: the buffers live exactly as long as their
     collective needs them. Views into the slots are made once, at bind.
@@ -260,19 +261,23 @@ class BufferPool:
             return
         self.drain()
         need: dict[torch.device, int] = {}
+        users: dict[torch.device, int] = {}
         for b in buckets:
             need[b.device] = max(need.get(b.device, 0), b.slot_bytes())
+            users[b.device] = users.get(b.device, 0) + 1
         for device, nbytes in need.items():
+            slots = min(self.size, users[device])  # one bucket needs one slot, not two
             have = self.buffers.get(device)
-            if have is None or have[0].numel() < nbytes:
+            if have is None or have[0].numel() < nbytes or len(have) < slots:
                 self.buffers[device] = [
-                    torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(self.size)
+                    torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(slots)
                 ]
         counts: dict[torch.device, int] = {}
         for b in buckets:
             i = counts[b.device] = counts.get(b.device, -1) + 1
-            b.slot = (b.device, i % self.size)
-            b.bind(self.buffers[b.device][i % self.size])
+            slot = i % len(self.buffers[b.device])
+            b.slot = (b.device, slot)
+            b.bind(self.buffers[b.device][slot])
 
     def acquire(self, bucket: ShardBucket) -> None:
         """Wait until the last collective that used ``bucket``'s slot is done."""

@@ -44,8 +44,8 @@ buffer it counts is named in its ``parts``:
 - ``attached``: DDP's bucket buffers, the gradient shard, the state, and one gradient in
   flight (the largest tensor's, released as soon as DDP has copied it); except on gloo (where
   DDP's buffers are averaged in place), the staging pool (``gather_buffers`` slots of the
-  largest bucket in the reduce dtype). The all-gathers need no buffer: they land in the
-  parameters.
+  largest bucket in the reduce dtype, no more slots than buckets). The all-gathers need no
+  buffer: they land in the parameters.
 - ``standalone``: the gradient shard, the state, the staging pool, and the full-size
   gradients in flight: one bucket's worth while it fills, plus the largest tensor's gradient
   being produced.
@@ -250,6 +250,7 @@ def estimate_peak(
     largest = max((n for n, c in sizes.items() if c), default=0)
     cap = int(bucket_cap_mb * 2**20)
     bucket = _largest_bucket(sizes, d, rb, cap)
+    slots = min(gather_buffers, len(_buckets(sizes, d, rb, cap)))  # as BufferPool allocates
     state = shard * (2 * ub + (ub if dtype in LOW_PRECISION else 0))
     ddp_state = P * (2 * ub + (ub if dtype in LOW_PRECISION else 0))
     attached = {
@@ -259,7 +260,7 @@ def estimate_peak(
         "gradient in flight": largest * pb,
     }
     if backend != "gloo" or rb != pb:
-        attached["staging pool (reduce-scatter)"] = gather_buffers * bucket * rb
+        attached["staging pool (reduce-scatter)"] = slots * bucket * rb
     ddp = {"p.grad": P * pb, "DDP bucket buffers": P * pb}
     if dtype in LOW_PRECISION:  # the fp32 master recipe of the memory rows
         ddp["fp32 main gradients"] = P * ub
@@ -272,7 +273,7 @@ def estimate_peak(
             {
                 "gradient shard": shard * ub,
                 "optimizer state": state,
-                "staging pool (reduce-scatter)": gather_buffers * bucket * rb,
+                "staging pool (reduce-scatter)": slots * bucket * rb,
                 "gradients in flight": (bucket + largest) * pb,
             },
             P,

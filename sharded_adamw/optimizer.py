@@ -27,6 +27,7 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
+from .agreement import StepAgreement, check_finite, presence
 from .bucket import LOW_PRECISION, BufferPool, ShardBucket
 from .clip import scale_by_norm, total_norm
 from .collectives import Comm, CommStats, Handle
@@ -135,7 +136,7 @@ class ShardedAdamW(Optimizer):
         self._reduced = False  # every bucket was reduce-scattered since the last step
         self._in_backward = False
         self._next_bucket = 0
-        self._flags: torch.Tensor | None = None  # the step's agreement buffer (_agree)
+        self._agreement = StepAgreement(self._comm)
         self._last_stats = CommStats()
         self._gather = ParamGather(self._buckets, self._comm, overlap_param_gather)
         defaults = dict(
@@ -372,86 +373,6 @@ class ShardedAdamW(Optimizer):
         finally:
             self._no_sync = old
 
-    def _presence(self) -> list[list[bool]]:
-        """Which parameters of each bucket had a gradient on some rank (torch AdamW skips
-        parameters whose grad is None)."""
-        if self._ddp is not None:
-            out = []
-            for b in self._buckets:
-                if not b.has_grad:
-                    if any(p.grad is not None for p in b.params):
-                        raise RuntimeError(
-                            "ShardedAdamW is attached to DDP but these gradients did not go "
-                            "through DDP's backward hook (was the last backward under "
-                            "no_sync()?); parameter: " + self._name(b.params[0])
-                        )
-                    out.append([False] * len(b.params))
-                elif self._ddp.find_unused_parameters or self._ddp.static_graph:
-                    out.append(list(b.present))  # local; agreed over the ranks in _agree
-                else:
-                    out.append([True] * len(b.params))
-            return out
-        return [b.present for b in self._buckets]
-
-    def _check_finite(self, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """1.0 if this rank's gradient shards hold a NaN or inf, else 0.0 (local; one foreach
-        kernel per device and dtype). With ``inv_scale`` the shards are multiplied by it on
-        the way, as ``GradScaler.unscale_`` does to ``p.grad``; without, they are only read
-        (the largest magnitude of each shard, NaN if it holds one), not rewritten."""
-        found = torch.zeros(1, dtype=torch.float32, device=self._buckets[0].device)
-        by_device: dict = {}
-        for b in self._buckets:
-            if b.has_grad:
-                by_device.setdefault((b.grad.device, b.grad.dtype), []).append(b.grad)
-        for (device, _), shards in by_device.items():
-            if inv_scale is None:
-                peaks = torch.stack(torch._foreach_norm(shards, float("inf")))
-                f = peaks.isfinite().logical_not().any().float()
-            else:
-                f = torch.zeros(1, dtype=torch.float32, device=device)
-                torch._amp_foreach_non_finite_check_and_unscale_(shards, f, inv_scale.to(device))
-            found += f.to(found.device)
-        return found
-
-    def _agree(self, present: list[list[bool]], found: torch.Tensor | None) -> bool:
-        """Whether to skip the step: one small all-reduce (max) of whether any rank ``found``
-        a non-finite gradient and (standalone, or attached to a DDP that may skip parameters)
-        which parameters had a gradient on some rank, written into ``present``.
-
-        The flags are written into a reusable device buffer by tensor ops and read back with
-        one ``tolist()``: the step's only device-to-host sync. None at all when there is
-        nothing to agree on (no ``found``, and presence known without asking the peers)."""
-        ddp = self._ddp
-        standalone = ddp is None or ddp.find_unused_parameters or ddp.static_graph
-        if not self._comm.distributed:
-            return found is not None and found.item() > 0
-        if found is None and not standalone:
-            return False
-        n = 1 + (sum(len(bp) for bp in present) if standalone else 0)
-        if self._flags is None or self._flags.numel() != n:
-            self._flags = torch.empty(n, dtype=torch.float32, device=self._buckets[0].device)
-        flags = self._flags
-        flags.zero_()
-        if found is not None:
-            flags[:1].copy_(found)
-        if standalone:
-            k = 1
-            for bp in present:
-                if all(bp):
-                    flags[k : k + len(bp)].fill_(1.0)
-                else:  # unused parameters: one write each, only in such buckets
-                    for j, x in enumerate(bp):
-                        if x:
-                            flags[k + j].fill_(1.0)
-                k += len(bp)
-        values = self._comm.all_reduce_(flags, "max").tolist()
-        if standalone:
-            k = 1
-            for bp in present:
-                bp[:] = [v > 0 for v in values[k : k + len(bp)]]
-                k += len(bp)
-        return values[0] > 0
-
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
     ) -> torch.Tensor:
@@ -492,7 +413,7 @@ class ShardedAdamW(Optimizer):
                     "unfreezing, or add it with add_param_group"
                 )
         self._finish_reduction()
-        present = self._presence()
+        present = presence(self._buckets, self._ddp, self._name)
         scaler_found = getattr(self, "found_inf", None)  # set by GradScaler.step
         if scaler_found is not None and not self._scaler_checked:
             raise RuntimeError(
@@ -502,11 +423,11 @@ class ShardedAdamW(Optimizer):
         self._scaler_checked = False
         grad_scale = getattr(self, "grad_scale", None)
         inv = None if grad_scale is None else grad_scale.double().reciprocal().float()
-        found = self._check_finite(inv) if self.skip_nonfinite or inv is not None else None
-        if scaler_found is not None:  # already agreed by ShardedGradScaler; decided in _agree
+        found = check_finite(self._buckets, inv) if self.skip_nonfinite or inv is not None else None
+        if scaler_found is not None:  # already agreed by ShardedGradScaler; decided in skip()
             scaler_found = scaler_found.to(self._buckets[0].device).reshape(1)
             found = scaler_found if found is None else found + scaler_found
-        if self._agree(present, found):
+        if self._agreement.skip(self._buckets, self._ddp, present, found):
             self.skipped_steps += 1
             self._after_step()
             if self._comm.global_rank == 0:

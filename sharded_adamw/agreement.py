@@ -1,0 +1,108 @@
+"""What the ranks agree on before a step, in one small collective: whether any rank's gradient
+holds a NaN or inf (the whole step is then skipped everywhere), and which parameters had a
+gradient on some rank (``torch.optim.AdamW`` skips a parameter whose ``grad`` is None, so a
+parameter unused on every rank must not step, and one used on any rank must step everywhere).
+
+The flags are written into a reusable device buffer by tensor ops and read back once: the
+step's only device-to-host synchronisation, and none at all when there is nothing to agree on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .bucket import ShardBucket
+from .collectives import Comm
+
+
+def presence(buckets: list[ShardBucket], ddp, name_of: Callable) -> list[list[bool]]:
+    """Which parameters of each bucket had a gradient on this rank, or (attached to a DDP
+    that reduces every parameter) on every rank. ``ddp``: the attached DDP model or None."""
+    if ddp is None:
+        return [b.present for b in buckets]
+    out = []
+    for b in buckets:
+        if not b.has_grad:
+            if any(p.grad is not None for p in b.params):
+                raise RuntimeError(
+                    "ShardedAdamW is attached to DDP but these gradients did not go "
+                    "through DDP's backward hook (was the last backward under "
+                    "no_sync()?); parameter: " + name_of(b.params[0])
+                )
+            out.append([False] * len(b.params))
+        elif ddp.find_unused_parameters or ddp.static_graph:
+            out.append(list(b.present))  # local; agreed over the ranks in skip()
+        else:
+            out.append([True] * len(b.params))
+    return out
+
+
+def check_finite(buckets: list[ShardBucket], inv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """1.0 if this rank's gradient shards hold a NaN or inf, else 0.0 (local; one foreach
+    kernel per device and dtype). With ``inv_scale`` the shards are multiplied by it on the
+    way, as ``GradScaler.unscale_`` does to ``p.grad``; without, they are only read (the
+    largest magnitude of each shard, NaN if it holds one), not rewritten."""
+    found = torch.zeros(1, dtype=torch.float32, device=buckets[0].device)
+    by_device: dict = {}
+    for b in buckets:
+        if b.has_grad:
+            by_device.setdefault((b.grad.device, b.grad.dtype), []).append(b.grad)
+    for (device, _), shards in by_device.items():
+        if inv_scale is None:
+            peaks = torch.stack(torch._foreach_norm(shards, float("inf")))
+            f = peaks.isfinite().logical_not().any().float()
+        else:
+            f = torch.zeros(1, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(shards, f, inv_scale.to(device))
+        found += f.to(found.device)
+    return found
+
+
+class StepAgreement:
+    """The reusable flags buffer of one optimizer, and the collective that fills it."""
+
+    def __init__(self, comm: Comm):
+        self.comm = comm
+        self._flags: torch.Tensor | None = None
+
+    def skip(
+        self,
+        buckets: list[ShardBucket],
+        ddp,
+        present: list[list[bool]],
+        found: torch.Tensor | None,
+    ) -> bool:
+        """Whether to skip the step: one all-reduce (max) of whether any rank ``found`` a
+        non-finite gradient and (standalone, or attached to a DDP that may skip parameters)
+        which parameters had a gradient on some rank, written into ``present``."""
+        standalone = ddp is None or ddp.find_unused_parameters or ddp.static_graph
+        if not self.comm.distributed:
+            return found is not None and found.item() > 0
+        if found is None and not standalone:
+            return False
+        n = 1 + (sum(len(bp) for bp in present) if standalone else 0)
+        if self._flags is None or self._flags.numel() != n:
+            self._flags = torch.empty(n, dtype=torch.float32, device=buckets[0].device)
+        flags = self._flags
+        flags.zero_()
+        if found is not None:
+            flags[:1].copy_(found)
+        if standalone:
+            k = 1
+            for bp in present:
+                if all(bp):
+                    flags[k : k + len(bp)].fill_(1.0)
+                else:  # unused parameters: one write each, only in such buckets
+                    for j, x in enumerate(bp):
+                        if x:
+                            flags[k + j].fill_(1.0)
+                k += len(bp)
+        values = self.comm.all_reduce_(flags, "max").tolist()
+        if standalone:
+            k = 1
+            for bp in present:
+                bp[:] = [v > 0 for v in values[k : k + len(bp)]]
+                k += len(bp)
+        return values[0] > 0
