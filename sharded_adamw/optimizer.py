@@ -6,11 +6,12 @@ owns one contiguous shard of every bucket. The data path of one training step, i
 1. gradient -> reduce-scatter: each bucket's gradients are averaged across ranks and each rank
    receives only its shard (``ShardBucket.reduce_scatter``). Standalone, this is launched from
    gradient hooks during backward as buckets fill; attached to DDP, DDP's comm hook does it.
-2. shard update: torch's own AdamW runs in place on the owned shards, one call per param
-   group over all its buckets (``_update``).
-3. all-gather -> parameter: each bucket is all-gathered in place, so the parameters, views of
-   the bucket, are whole again (``ParamGather``); with ``overlap_param_gather`` the next
-   forward waits for each bucket as it reaches the modules that use it.
+2. shard update: torch's own AdamW runs in place on the owned shards, one call per run of a
+   param group's buckets (``_update_and_gather``).
+3. all-gather -> parameter: each run of buckets is all-gathered in place as soon as it is
+   updated, so the parameters, views of the buckets, are whole again (``ParamGather``); with
+   ``overlap_param_gather`` the next forward waits for each bucket as it reaches the modules
+   that use it.
 
 ``step()`` reads in exactly that order.
 """
@@ -440,74 +441,78 @@ class ShardedAdamW(Optimizer):
         with self._state_lock():  # a state_dict() being served finishes first
             if self._server is not None:
                 self._server.updates_started += 1
-        stepped = self._update(present)
-        self._gather.launch(stepped)
+        self._update_and_gather(present)
         self._after_step()
         return loss
 
-    def _update(self, present: list[list[bool]]) -> set[ShardBucket]:
-        """AdamW in place on every owned shard that has a gradient; returns those buckets.
+    def _update_and_gather(self, present: list[list[bool]]) -> None:
+        """AdamW in place on every owned shard that has a gradient, and the all-gather of those
+        buckets: run by run in forward order (``ParamGather``), each run's all-gathers launched
+        as soon as it is updated, so that they travel while the next run updates.
 
-        One call of torch's implementation per run of a param group's buckets (``_runs``)
-        covers those whose parameters all step from one count (each bucket's ``steps[0]``
-        stands for its parameters; the other step tensors follow in one add). Buckets where
-        some parameter had no gradient on any rank, or whose counts differ (a partial load),
-        get a call of their own over the owned parts of the parameters that step. AdamW is
-        elementwise and the bias corrections depend on the count alone, so either way the bits
-        are those of ``torch.optim.AdamW``. Low-precision parameters are updated in their fp32
-        masters, then rounded into the parameters' shards."""
-        together: dict[int, tuple[dict, list[ShardBucket]]] = {}
-        stepped = set()
-        with record_function("sharded_adamw.update"):
-            for b, bp in zip(self._buckets, present):
-                if not any(bp):
-                    continue
-                stepped.add(b)
-                b.sync_masters()
-                if b.group["amsgrad"] and b.max_exp_avg_sq is None:
-                    b.max_exp_avg_sq = b._zeros(b.layout.shard_numel)
-                if b.uniform(bp):
-                    together.setdefault(id(b.group), (b.group, []))[1].append(b)
+        A run (``_runs``) is one call of torch's implementation over consecutive buckets of a
+        param group whose parameters all step from one count (each bucket's ``steps[0]``
+        stands for its parameters; the other step tensors follow in one add), up to one
+        bucket cap of shard bytes: foreach AdamW allocates temporaries as large as its input
+        (``exp_avg_sq.sqrt()``), so one call over every shard would add a state-sized buffer
+        to the peak. A bucket where some parameter had no gradient on any rank, or whose
+        counts differ (a partial load), is a run of its own over the owned parts of the
+        parameters that step. AdamW is elementwise and the bias corrections depend on the
+        count alone, so either way the bits are those of ``torch.optim.AdamW``. Low-precision
+        parameters are updated in their fp32 masters, then rounded into the shards."""
+        bp_of = dict(zip(self._buckets, present))
+        order = [b for b in self._gather.begin() if any(bp_of[b])]
+        for b in order:
+            b.sync_masters()
+            if b.group["amsgrad"] and b.max_exp_avg_sq is None:
+                b.max_exp_avg_sq = b._zeros(b.layout.shard_numel)
+        for group, run, uniform in self._runs(order, bp_of):
+            with record_function("sharded_adamw.update"):
+                if uniform:
+                    torch._foreach_add_([b.other_steps for b in run], 1)
+                    adamw_update(
+                        [b.shard if b.master is None else b.master for b in run],
+                        [b.grad for b in run],
+                        [b.exp_avg for b in run],
+                        [b.exp_avg_sq for b in run],
+                        [b.max_exp_avg_sq for b in run] if group["amsgrad"] else [],
+                        [b.first_step for b in run],
+                        group,
+                    )
+                    for b in run:
+                        b.advanced(b.present_all)
                 else:
-                    self._update_some(b, bp)
-            for group, buckets in self._runs(together.values()):
-                torch._foreach_add_([b.other_steps for b in buckets], 1)
-                adamw_update(
-                    [b.shard if b.master is None else b.master for b in buckets],
-                    [b.grad for b in buckets],
-                    [b.exp_avg for b in buckets],
-                    [b.exp_avg_sq for b in buckets],
-                    [b.max_exp_avg_sq for b in buckets] if group["amsgrad"] else [],
-                    [b.first_step for b in buckets],
-                    group,
-                )
-                for b in buckets:
-                    b.advanced(b.present_all)
-            masters = [b for b in self._buckets if b in stepped and b.master is not None]
-            if masters:
-                torch._foreach_copy_([b.shard for b in masters], [b.master for b in masters])
-        return stepped
+                    self._update_some(run[0], bp_of[run[0]])
+                masters = [b for b in run if b.master is not None]
+                if masters:
+                    torch._foreach_copy_([b.shard for b in masters], [b.master for b in masters])
+            self._gather.launch(run)
+        self._gather.finish()
 
-    def _runs(self, groups) -> Iterator[tuple[dict, list[ShardBucket]]]:
-        """Each param group's buckets in runs of at most one bucket cap of shard bytes (at
-        least one bucket each): foreach AdamW allocates temporaries as large as its whole
-        input (``exp_avg_sq.sqrt()``), so one call over every shard would add a state-sized
-        buffer to the peak; a run of buckets keeps it to a bucket's worth, and a model of
-        many small tensors still gets few calls."""
-        for group, buckets in groups:
-            run, used = [], 0
-            for b in buckets:
-                size = b.layout.shard_numel * b.exp_avg.element_size()
-                if run and used + size > self._bucket_cap_bytes:
-                    yield group, run
-                    run, used = [], 0
-                run.append(b)
-                used += size
-            yield group, run
+    def _runs(
+        self, order: list[ShardBucket], present: dict
+    ) -> Iterator[tuple[dict, list[ShardBucket], bool]]:
+        """``(group, buckets, uniform)``: ``order`` cut into the runs of ``_update_and_gather``
+        (at least one bucket each)."""
+        run: list[ShardBucket] = []
+        used, key = 0, None
+        for b in order:
+            uniform = b.uniform(present[b])
+            size = b.layout.shard_numel * b.exp_avg.element_size()
+            if run and (
+                (id(b.group), uniform) != key or not uniform or used + size > self._bucket_cap_bytes
+            ):
+                yield run[0].group, run, key[1]
+                run, used = [], 0
+            run.append(b)
+            used += size
+            key = (id(b.group), uniform)
+        if run:
+            yield run[0].group, run, key[1]
 
     @staticmethod
     def _update_some(b: ShardBucket, present: list[bool]) -> None:
-        """AdamW on the owned parts of the parameters of ``b`` that step (``_update``)."""
+        """AdamW on the owned parts of the parameters of ``b`` that step."""
         idx = [i for i, ok in enumerate(present) if ok]
         cut = lambda t: [b.owned(t, i) for i in idx]  # noqa: E731
         adamw_update(

@@ -1,10 +1,12 @@
 """The all-gathers that bring updated parameters back, and (``overlap_param_gather``) where
 they are waited for: in the next forward, bucket by bucket, as the modules that read them run.
 
-``step()`` updates every owned shard, then launches one in-place all-gather per bucket, in the
-order forward first uses the buckets (learnt from the first forward; until then, or for
-buckets forward never reached, the reverse of the bucket order, which is the parameters'
-order). Without ``overlap_param_gather`` the step waits for them all before it returns.
+``step()`` updates the owned shards run by run in the order forward first uses the buckets
+(learnt from the first forward with ``overlap_param_gather``; otherwise, and for buckets
+forward never reached, the reverse of the bucket order, which is the parameters' order), and
+launches each run's in-place all-gathers as soon as it is updated, so they travel while the
+next run updates. Without ``overlap_param_gather`` the step waits for them all before it
+returns.
 
 With it, the step returns with the all-gathers in flight, and nothing may read a parameter
 before its bucket's all-gather is done. A global forward pre-hook (one per optimizer, every
@@ -87,20 +89,28 @@ class ParamGather:
             self._hook.remove()
             self._hook = None
 
-    def launch(self, stepped: set[ShardBucket]) -> None:
-        """All-gather every bucket in ``stepped`` in place, in forward order; wait for them
-        unless ``overlap_param_gather``."""
+    def begin(self) -> list[ShardBucket]:
+        """Start a step's all-gathers: wait for the last step's, fix the forward order (at the
+        first step) and return the buckets in it; ``launch`` them as they are updated."""
         self.wait_all()
         if self._learning:
             self._learning = False
             seen = set(self.order)
             self.order += [b for b in reversed(self.buckets) if b not in seen]
-        self._index = {b: i for i, b in enumerate(self.order)}
-        self._launched = [b for b in self.order if b in stepped]
+            self._index = {b: i for i, b in enumerate(self.order)}
+        self._launched = []
         self._next = 0
+        return self.order
+
+    def launch(self, buckets: list[ShardBucket]) -> None:
+        """All-gather ``buckets`` (updated, in forward order) in place."""
         with record_function("sharded_adamw.all_gather"):
-            for b in self._launched:
+            for b in buckets:
                 self._pending[b] = self.comm.all_gather_params(b.flat, async_op=True)
+                self._launched.append(b)
+
+    def finish(self) -> None:
+        """End the step's all-gathers: wait for them unless ``overlap_param_gather``."""
         if not self.overlap:
             self.wait_all()
 
