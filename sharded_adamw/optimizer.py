@@ -452,8 +452,8 @@ class ShardedAdamW(Optimizer):
 
         A run (``_runs``) is one call of torch's implementation over consecutive buckets of a
         param group whose parameters all step from one count (each bucket's ``steps[0]``
-        stands for its parameters; the other step tensors follow in one add), up to one
-        bucket cap of shard bytes: foreach AdamW allocates temporaries as large as its input
+        stands for its parameters; the other step tensors follow in one add). Runs stay
+        small: foreach AdamW allocates temporaries as large as its input
         (``exp_avg_sq.sqrt()``), so one call over every shard would add a state-sized buffer
         to the peak. A bucket where some parameter had no gradient on any rank, or whose
         counts differ (a partial load), is a run of its own over the owned parts of the
@@ -492,16 +492,17 @@ class ShardedAdamW(Optimizer):
     def _runs(
         self, order: list[ShardBucket], present: dict
     ) -> Iterator[tuple[dict, list[ShardBucket], bool]]:
-        """``(group, buckets, uniform)``: ``order`` cut into the runs of ``_update_and_gather``
-        (at least one bucket each)."""
+        """``(group, buckets, uniform)``: ``order`` cut into the runs of ``_update_and_gather``,
+        at least one bucket each and at most a quarter of a bucket cap of shard bytes beyond
+        that: a run's all-gathers start only once the whole run is updated, so big buckets
+        go one at a time, while small ones still share one call."""
+        limit = self._bucket_cap_bytes // 4
         run: list[ShardBucket] = []
         used, key = 0, None
         for b in order:
             uniform = b.uniform(present[b])
             size = b.layout.shard_numel * b.exp_avg.element_size()
-            if run and (
-                (id(b.group), uniform) != key or not uniform or used + size > self._bucket_cap_bytes
-            ):
+            if run and ((id(b.group), uniform) != key or not uniform or used + size > limit):
                 yield run[0].group, run, key[1]
                 run, used = [], 0
             run.append(b)
