@@ -315,6 +315,12 @@ def test_bench_arguments_quick_sizes_and_only():
     )
     assert args.size_names == ["small", "medium", "large"]
     assert args.contenders == ["DDP + AdamW", "FSDP2 (no reshard after fwd)"]
+    only = "DDP + ZeroRedundancyOptimizer,ShardedAdamW (attach, overlap_param_gather)"
+    assert bench.parse_args(["--only", only]).contenders == [  # a name may hold a comma
+        "DDP + AdamW",
+        "DDP + ZeroRedundancyOptimizer",
+        "ShardedAdamW (attach, overlap_param_gather)",
+    ]
     assert bench.parse_args(["--copy-bytes"]).copy_bytes
     for bad in (["--sizes", "huge"], ["--only", "nope"], ["--warmup", "-1"]):
         with pytest.raises(SystemExit):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -109,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"argument --sizes: unknown {unknown or args.sizes!r}; choose from {list(SIZES)}")
     args.contenders = list(CONTENDERS)
     if args.only:
-        wanted = [s.strip() for s in args.only.split(",")]
+        # commas inside parentheses belong to a name: "ShardedAdamW (attach, bucket view)"
+        wanted = [s.strip() for s in re.split(r",(?![^()]*\))", args.only) if s.strip()]
         unknown = [w for w in wanted if w not in CONTENDERS]
         if unknown:
             p.error(f"argument --only: unknown {unknown}; choose from {list(CONTENDERS)}")
