@@ -96,9 +96,12 @@ def test_profile_mode_under_torchrun_prints_a_table_per_contender_with_ranges_an
         assert calls["bench.step"] == 1 and calls["aten::copy_"] >= 1
         assert rows["aten::copy_"][0] == "op, self CPU"
         ops = [r for r in rows if r.startswith("aten::")]
-        assert ms["copy-like ops, sum"] == pytest.approx(
-            sum(ms[r] for r in ops), abs=0.01 * len(ops)
-        )
+        # each op row and the sum row is the largest rank's: the largest rank's sum lies
+        # between the largest op row and the sum of the op rows (which may come from
+        # different ranks)
+        tol = 0.01 * len(ops)
+        assert max(ms[r] for r in ops) - tol <= ms["copy-like ops, sum"]
+        assert ms["copy-like ops, sum"] <= sum(ms[r] for r in ops) + tol
         ours = [r for r in rows if r.startswith("sharded_adamw.")]
         if name == "DDP + AdamW":
             assert not ours
