@@ -63,16 +63,21 @@ class CommStats:
 
 
 class Handle:
-    """An in-flight collective; ``wait()`` blocks, then runs the follow-up once."""
+    """In-flight collectives (one, several or none); ``wait()`` blocks on each, then runs the
+    follow-up once."""
 
-    def __init__(self, work: dist.Work | None, then: Callable[[], None] | None = None):
-        self._work = work
+    def __init__(
+        self,
+        work: dist.Work | list[dist.Work] | None,
+        then: Callable[[], None] | None = None,
+    ):
+        works = work if isinstance(work, list) else [work]
+        self._works = [w for w in works if w is not None]  # None: it ran synchronously
         self._then = then
 
     def wait(self) -> None:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
+        while self._works:
+            self._works.pop(0).wait()
         if self._then is not None:
             then, self._then = self._then, None
             then()
@@ -122,6 +127,10 @@ class Comm:
             1 if self.replicate_group is None else dist.get_world_size(self.replicate_group)
         )
         self.dp_size = self.world_size * self.replicas
+        self.shard_ranks = [  # global rank of each shard rank, for broadcasts
+            dist.get_global_rank(self.shard_group, i) if self.distributed else i
+            for i in range(self.world_size)
+        ]
         self.global_rank = dist.get_rank() if self.shard_group is not None else 0
         self.stats = CommStats()
 
@@ -210,13 +219,27 @@ class Comm:
 
     def all_gather_params(self, flat: torch.Tensor, async_op: bool) -> Handle:
         """All-gather a bucket in place: this rank's updated shard of ``flat`` (the buffer the
-        parameters are views of) goes to every rank, the others' shards land in ``flat``."""
+        parameters are views of) goes to every rank, the others' shards land in ``flat``.
+
+        On NCCL one all-gather. On gloo one broadcast per shard from its owner, all in flight
+        at once: gloo's all-gather collects into a buffer of its own and copies out, and
+        measured here (2 CPU processes, 92 MB bucket) took 86 ms where the broadcasts took 23
+        ms (3.4x; 2.8x at 3 ranks, 2.7x at 4). Either way the bytes land unchanged."""
         self._count("all_gather", flat)
         if not self.distributed:
             return Handle(None)
         n = flat.numel() // self.world_size
-        shard = flat[self.rank * n : (self.rank + 1) * n]
-        work = _all_gather_single(flat, shard, group=self.shard_group, async_op=async_op)
+        shards = flat.view(self.world_size, n)
+        if self.backend == "gloo":
+            return Handle(
+                [
+                    dist.broadcast(shards[i], src, group=self.shard_group, async_op=async_op)
+                    for i, src in enumerate(self.shard_ranks)
+                ]
+            )
+        work = _all_gather_single(
+            flat, shards[self.rank], group=self.shard_group, async_op=async_op
+        )
         return Handle(work)
 
     # ---- small agreements ----------------------------------------------------------------
