@@ -118,11 +118,11 @@ class Comm:
         else:
             self.shard_group = None
         if self.shard_group is None:
-            self.world_size, self.rank, self.backend = 1, 0, "local"
+            self.world_size, self.rank, self._backends = 1, 0, {"": "local"}
         else:
             self.world_size = dist.get_world_size(self.shard_group)
             self.rank = dist.get_rank(self.shard_group)
-            self.backend = str(dist.get_backend(self.shard_group))
+            self._backends = _backends_by_device(self.shard_group)
         self.replicas = (
             1 if self.replicate_group is None else dist.get_world_size(self.replicate_group)
         )
@@ -140,15 +140,20 @@ class Comm:
 
     # ---- the data path -------------------------------------------------------------------
 
-    @property
-    def in_place(self) -> bool:
-        """Whether gradients are averaged by an in-place all-reduce of the whole buffer.
+    def backend_on(self, device: torch.device) -> str:
+        """The name of the backend that moves the shard group's tensors on ``device``
+        ("gloo", "nccl", ...; "local" without a process group)."""
+        return self._backends.get(device.type, self._backends.get("", "undefined"))
+
+    def in_place(self, device: torch.device) -> bool:
+        """Whether gradients on ``device`` are averaged by an in-place all-reduce of the whole
+        buffer.
 
         gloo runs a reduce-scatter as a clone of its whole input plus an all-reduce, and a
         shard of the all-reduce has the same bits as the reduce-scatter's; all-reducing the
         buffer in place therefore gives the same result without the clone. NCCL has a real
         reduce-scatter, which moves half the bytes."""
-        return self.backend == "gloo"
+        return self.backend_on(device) == "gloo"
 
     def reduce_scatter_grads(
         self, staging: torch.Tensor, into: torch.Tensor, accumulate: bool, async_op: bool
@@ -169,13 +174,13 @@ class Comm:
         scale = self._scale_for(staging)
         if not self.distributed:
             return Handle(None, lambda: deliver(staging[:n], into, accumulate, scale))
-        if self.in_place:
+        if self.in_place(staging.device):
             work = dist.all_reduce(staging, group=self.shard_group, async_op=async_op)
             result = staging[self.rank * n : (self.rank + 1) * n]
         else:
             direct = not accumulate and into.dtype == staging.dtype and scale == 1.0
             result = into if direct else staging.new_empty(n)
-            op = self._premul_sum() or dist.ReduceOp.SUM
+            op = self._premul_sum(staging.device) or dist.ReduceOp.SUM
             work = _reduce_scatter(result, staging, op, self.shard_group, async_op)
         return Handle(work, lambda: self._finish_average(result, into, accumulate, scale))
 
@@ -196,16 +201,17 @@ class Comm:
         delivered shard only (scaling by a power of two is exact, so it commutes with the
         sum); otherwise before the sum, by a pass over ``t``. Returns the factor left to apply
         on delivery."""
-        if self.dp_size == 1 or self._premul_sum() is not None:
+        if self.dp_size == 1 or self._premul_sum(t.device) is not None:
             return 1.0
         if self.dp_size & (self.dp_size - 1) == 0:
             return 1.0 / self.dp_size
         t.mul_(1.0 / self.dp_size)
         return 1.0
 
-    def _premul_sum(self):
+    def _premul_sum(self, device: torch.device):
         """NCCL's reduce op that scales by ``1 / dp_size`` as it sums, where there is one."""
-        if self.backend == "nccl" and self.dp_size > 1 and hasattr(dist, "_make_nccl_premul_sum"):
+        nccl = self.backend_on(device) == "nccl"
+        if nccl and self.dp_size > 1 and hasattr(dist, "_make_nccl_premul_sum"):
             return dist._make_nccl_premul_sum(1.0 / self.dp_size)
         return None
 
@@ -230,7 +236,7 @@ class Comm:
             return Handle(None)
         n = flat.numel() // self.world_size
         shards = flat.view(self.world_size, n)
-        if self.backend == "gloo":
+        if self.backend_on(flat.device) == "gloo":
             return Handle(
                 [
                     dist.broadcast(shards[i], src, group=self.shard_group, async_op=async_op)
@@ -410,6 +416,27 @@ def _all_gather_bytes(blob: bytes, device: torch.device, group) -> list[bytes]:
     _all_gather_single(rows.view(-1), padded, group=group)
     rows = rows.cpu()
     return [bytes(rows[r, :n].tolist()) for r, n in enumerate(lengths)]
+
+
+def _backends_by_device(group) -> dict[str, str]:
+    """Device type -> backend name for ``group``; the key "" stands for every device type.
+
+    ``dist.get_backend`` names one backend only when the group was created with one:
+    ``init_process_group()`` without a backend (what a plain torchrun script often writes)
+    gives a group whose backend reads "undefined", with gloo for CPU tensors and NCCL for
+    CUDA ones ("cpu:gloo,cuda:nccl" in ``get_backend_config``, torch 2.6 to 2.13). The fast
+    paths here depend on which backend moves the tensors, so it is read per device."""
+    name = str(dist.get_backend(group))
+    config = getattr(dist, "get_backend_config", None)
+    if config is None:  # pragma: no cover - torch without get_backend_config
+        return {"": name}
+    out = {}
+    for entry in str(config(group)).split(","):
+        device, _, backend = entry.strip().rpartition(":")
+        out[device] = backend
+    if name != "undefined":
+        out.setdefault("", name)
+    return out
 
 
 def _is_device_mesh(obj) -> bool:

@@ -138,7 +138,11 @@ def _reduce_scatter_hook(
     for (b, i), p in zip(slots, params):
         if p.grad is not None:
             b.present[i] = True
-    in_place = comm.in_place and comm.replicate_group is None and buffer.dtype == reduce_dtype
+    in_place = (
+        comm.in_place(buffer.device)
+        and comm.replicate_group is None
+        and buffer.dtype == reduce_dtype
+    )
     with record_function("sharded_adamw.reduce_scatter"):
         if in_place:
             accumulate = [b.reduced[i] for b, i in slots]  # a second synced backward

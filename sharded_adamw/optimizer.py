@@ -242,7 +242,7 @@ class ShardedAdamW(Optimizer):
         ``torch.cuda.current_device()``, cuda:0 on every rank that skipped ``set_device``."""
         mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for p, n in zip(params, names)]
         device = next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
-        if device.type == "cpu" and self._comm.backend == "nccl":  # NCCL moves no CPU tensor
+        if device.type == "cpu" and self._comm.backend_on(device) == "nccl":  # no CPU tensors
             device = torch.device("cuda", torch.cuda.current_device())
         self._object_device = device  # for later small agreements (the state server's)
         wrong = _current_device_mismatch(device)
