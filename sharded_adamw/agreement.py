@@ -18,24 +18,33 @@ from .collectives import Comm
 
 
 def presence(buckets: list[ShardBucket], ddp, name_of: Callable) -> list[list[bool]]:
-    """Which parameters of each bucket had a gradient on this rank, or (attached to a DDP
-    that reduces every parameter) on every rank. ``ddp``: the attached DDP model or None."""
-    if ddp is None:
-        return [b.present for b in buckets]
+    """Which parameters of each bucket step: those that had a gradient on this rank, or
+    (attached to a DDP that reduces every parameter) on every rank, and those whose gradient
+    torch would have kept as a zero tensor (``ShardBucket.kept``). ``ddp``: the attached DDP
+    model or None. Standalone, the bucket's own ``present`` list is returned (and agreed over
+    the ranks in ``StepAgreement.skip``)."""
     out = []
     for b in buckets:
-        if not b.has_grad:
+        if ddp is None:
+            bp = b.present
+        elif not b.has_grad:
             if any(p.grad is not None for p in b.params):
                 raise RuntimeError(
                     "ShardedAdamW is attached to DDP but these gradients did not go "
                     "through DDP's backward hook (was the last backward under "
                     "no_sync()?); parameter: " + name_of(b.params[0])
                 )
-            out.append([False] * len(b.params))
+            bp = [False] * len(b.params)
         elif ddp.find_unused_parameters or ddp.static_graph:
-            out.append(list(b.present))  # local; agreed over the ranks in skip()
+            bp = list(b.present)  # local; agreed over the ranks in skip()
         else:
-            out.append([True] * len(b.params))
+            bp = [True] * len(b.params)
+        if any(b.kept):
+            if not b.has_grad:  # no reduction this step: the kept gradients are zeros
+                b.grad.zero_()
+                b.has_grad = True
+            bp[:] = [x or k for x, k in zip(bp, b.kept)]
+        out.append(bp)
     return out
 
 

@@ -63,6 +63,12 @@ class ShardBucket:
         self._step_counts = array("f", [0.0] * len(params))  # see step_counts()
         self._steps_version = self.steps._version
         self.present = [False] * len(params)
+        # Parameters whose gradient torch would keep as a zero tensor: they had one since the
+        # last ``zero_grad(set_to_none=True)`` and were zeroed with ``set_to_none=False``.
+        # torch.optim.AdamW goes on stepping those (momentum, weight decay) in steps where
+        # they get no new gradient, so they step here too, with a zero gradient.
+        self.kept = [False] * len(params)
+        self.stepped = [False] * len(params)  # agreed presence of the last step
         self.reduced = [False] * len(params)  # attached: a reduction reached this slot
         self.ready = 0  # gradients that arrived in the current backward
         self.arrivals: list[torch.Tensor | None] = []  # attached, staging: DDP's views
@@ -187,8 +193,12 @@ class ShardBucket:
         return all(present) and counts.count(counts[0]) == len(counts)
 
     def advanced(self, present: list[bool]) -> None:
-        """Record on the host mirror that the present parameters have taken a step."""
-        counts = self.step_counts()
+        """Record on the host mirror that the present parameters have taken a step.
+
+        The update has just bumped ``steps``' version counter itself, so the mirror must not
+        be re-read here (that would count the step twice); ``uniform`` read it before the
+        update, which is when an outside write would have been seen."""
+        counts = self._step_counts
         for i, ok in enumerate(present):
             if ok:
                 counts[i] += 1  # stored as float32, as on the step tensors

@@ -428,7 +428,10 @@ class ShardedAdamW(Optimizer):
         if scaler_found is not None:  # already agreed by ShardedGradScaler; decided in skip()
             scaler_found = scaler_found.to(self._buckets[0].device).reshape(1)
             found = scaler_found if found is None else found + scaler_found
-        if self._agreement.skip(self._buckets, self._ddp, present, found):
+        skip = self._agreement.skip(self._buckets, self._ddp, present, found)
+        for b, bp in zip(self._buckets, present):
+            b.stepped = list(bp)
+        if skip:
             self.skipped_steps += 1
             self._after_step()
             if self._comm.global_rank == 0:
@@ -564,6 +567,15 @@ class ShardedAdamW(Optimizer):
         before the forward they should hide behind."""
         self._wait_pending()
         super().zero_grad(set_to_none=set_to_none)
+        for b in self._buckets:
+            if set_to_none:
+                b.kept = [False] * len(b.params)
+            else:  # torch keeps every gradient that exists, zeroed
+                b.kept = [
+                    k or s or r or p.grad is not None
+                    for k, s, r, p in zip(b.kept, b.stepped, b.present, b.params)
+                ]
+            b.stepped = [False] * len(b.params)
         self._clear_grads()
 
     # ---- state dicts -------------------------------------------------------------------------

@@ -20,7 +20,8 @@ first). The optimizer's own entry points that read or write parameters or state 
 ``zero_grad`` touches gradients only and does not wait, so ``step(); zero_grad()`` keeps the
 all-gathers behind the next forward. A compiled module
 (``torch.compile``) waits for all of them before it runs: its inner modules' hooks do not run
-one by one.
+one by one. A module compiled in place (``model.compile()``) runs its hooks inside the
+graph; its root calls out to an eager wait for all of them (``_wait_before_compiled``).
 
 Anything else that reads ``p.data`` by hand between ``step()`` and the next forward (an EMA of
 the weights, ``parameters_to_vector``, a custom logger) must call ``opt.sync_params()`` first.
@@ -41,6 +42,18 @@ _ALL = 1 << 62  # a module that waits for every bucket
 
 def _is_compiled(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "OptimizedModule"
+
+
+@torch.compiler.disable
+def _wait_before_compiled(ref: weakref.ref, module: torch.nn.Module) -> None:
+    """Before a module compiled in place (``model.compile()``) runs: wait for every
+    all-gather in flight. Such a module runs its forward hooks inside the compiled graph, where
+    a plain hook is traced once and never waits; this function is excluded from compilation
+    (one graph break, at the start of the root module), so it runs on every call."""
+    me = ref()
+    if me is not None:
+        me.watch(module)
+        me.wait_all()
 
 
 class ParamGather:
@@ -64,10 +77,16 @@ class ParamGather:
             ref = weakref.ref(self)
 
             def pre_forward(module, args):
+                if torch.compiler.is_compiling():
+                    # Traced into a graph. Only the root of a ``model.compile()`` module
+                    # calls out, to a function Dynamo leaves eager: it runs every call.
+                    if getattr(module, "_compiled_call_impl", None) is not None:
+                        _wait_before_compiled(ref, module)
+                    return
                 me = ref()
                 if me is None:
                     hook.remove()
-                elif not torch.compiler.is_compiling():
+                else:
                     me.before_forward(module)
 
             hook = torch.nn.modules.module.register_module_forward_pre_hook(pre_forward)
