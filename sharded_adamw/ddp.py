@@ -188,6 +188,7 @@ def attach(opt: "ShardedAdamW", model: torch.nn.Module) -> None:
         )
     if opt._ddp is model:
         return
+    opt._build_deferred()  # parameters materialised (to_empty) since the optimizer was built
     if opt._ddp is not None:
         raise RuntimeError("ShardedAdamW.attach(): this optimizer is already attached to a model")
     names = {p: n for n, p in model.module.named_parameters()}
@@ -243,6 +244,7 @@ def _pair(opt: "ShardedAdamW", model: DistributedDataParallel) -> None:
     warn if they only overlap (or the attach is refused)."""
     if opt._ddp is not None or getattr(opt, "_ddp_warned", False):
         return
+    opt._build_deferred()
     trainable = {id(p) for p in model.parameters() if p.requires_grad and p.numel() > 0}
     mine = {id(p) for p in opt._slot}
     if not trainable & mine:

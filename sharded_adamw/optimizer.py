@@ -19,14 +19,17 @@ owns one contiguous shard of every bucket. The data path of one training step, i
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
+from torch.optim.optimizer import _to_scalar
 
 from .agreement import StepAgreement, check_finite, presence
 from .bucket import LOW_PRECISION, BufferPool, ShardBucket
@@ -49,7 +52,7 @@ TORCH_ADAMW_HAS_DECOUPLED_KEY = (
 # Param-group keys that say how this job runs the update rather than where training is: a
 # load keeps the loading optimizer's values, which match where construction put the step
 # tensors (on the parameters' device for fused, on the CPU otherwise).
-RUNTIME_KEYS = ("params", "param_names", "foreach", "fused", "capturable", "differentiable")
+RUNTIME_KEYS = ("params", "foreach", "fused", "capturable", "differentiable")
 
 
 class ShardedAdamW(Optimizer):
@@ -97,6 +100,8 @@ class ShardedAdamW(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
         process_group=None,
         bucket_cap_mb: float = 25.0,
@@ -108,12 +113,24 @@ class ShardedAdamW(Optimizer):
         state_dict_timeout: float = 300.0,
         overlap_param_gather: bool = False,
     ):
+        betas = _check_args(lr, betas, eps, weight_decay, foreach, capturable, differentiable)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if gather_buffers < 1:
             raise ValueError(f"Invalid gather_buffers: {gather_buffers} (must be >= 1)")
         if not bucket_cap_mb > 0:
             raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb} (must be > 0)")
+        self._config = dict(  # what a deep copy is rebuilt with (``__deepcopy__``)
+            process_group=process_group,
+            bucket_cap_mb=bucket_cap_mb,
+            overlap_comm=overlap_comm,
+            master_weights=master_weights,
+            reduce_dtype=reduce_dtype,
+            skip_nonfinite=skip_nonfinite,
+            gather_buffers=gather_buffers,
+            state_dict_timeout=state_dict_timeout,
+            overlap_param_gather=overlap_param_gather,
+        )
         self._comm = Comm(process_group)
         self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self._overlap = overlap_comm
@@ -127,7 +144,10 @@ class ShardedAdamW(Optimizer):
         self._pool = BufferPool(gather_buffers)
         self._slot: dict[torch.nn.Parameter, tuple[ShardBucket, int]] = {}
         self._names: dict[torch.nn.Parameter, str] = {}
-        self._frozen: list[torch.nn.Parameter] = []  # no state: frozen when the group was added
+        # (group index, parameter) of parameters without buckets yet: frozen or on the meta
+        # device when their group was added (``_build_deferred``)
+        self._deferred: list[tuple[int, torch.nn.Parameter]] = []
+        self._meta_warned = False
         self._hooks: list = []
         self._pending: list[Handle] = []
         self._ddp = None
@@ -173,6 +193,65 @@ class ShardedAdamW(Optimizer):
                 bucket_cap_mb,
             )
 
+    # ---- copies ------------------------------------------------------------------------------
+
+    _CTOR_DEFAULTS = (
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "amsgrad",
+        "maximize",
+        "foreach",
+        "fused",
+    )
+
+    def _rebuilt(self, param_groups: list, state_dict: dict, config: dict) -> ShardedAdamW:
+        new = type(self).__new__(type(self))
+        new.__init__(param_groups, **{k: self.defaults[k] for k in self._CTOR_DEFAULTS}, **config)
+        new.load_state_dict(state_dict)
+        new.skipped_steps = self.skipped_steps
+        return new
+
+    def __deepcopy__(self, memo: dict) -> ShardedAdamW:
+        """A new ``ShardedAdamW`` over deep copies of the parameters, with this one's options,
+        hyperparameters and state, as ``copy.deepcopy`` of a ``torch.optim.AdamW`` gives.
+        Built like any ``ShardedAdamW``: with a process group, every rank must copy (the same
+        group serves both). Hooks are not copied (nor are they by torch)."""
+        self.sync_params()
+        groups = copy.deepcopy(self.param_groups, memo)
+        new = self._rebuilt(groups, copy.deepcopy(self.state_dict(), memo), self._config)
+        memo[id(self)] = new
+        return new
+
+    def __getstate__(self) -> dict:
+        """Pickling (single process): parameters, hyperparameters, options and the state in
+        ``state_dict()`` form; ``__setstate__`` rebuilds the buckets. A process group cannot
+        be pickled: with one, save ``state_dict()`` instead (or ``save_checkpoint``)."""
+        if self._comm.distributed:
+            raise TypeError(
+                "ShardedAdamW over a process group cannot be pickled (process groups cannot); "
+                "save opt.state_dict() or use sharded_adamw.save_checkpoint"
+            )
+        config = {k: v for k, v in self._config.items() if k != "process_group"}
+        return {
+            "param_groups": self.param_groups,
+            "defaults": self.defaults,
+            "state_dict": self.state_dict(),
+            "config": config,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.defaults = state["defaults"]
+        self.__init__(
+            state["param_groups"],
+            **{k: self.defaults[k] for k in self._CTOR_DEFAULTS},
+            **state["config"],
+        )
+        self.load_state_dict(state["state_dict"])
+        self.skipped_steps = state["skipped_steps"]
+
     # ---- construction ----------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
@@ -208,8 +287,26 @@ class ShardedAdamW(Optimizer):
             if name is not None:
                 self._names[p] = name
         self._check_same_on_every_rank(gi, params, names)
-        trainable = [p for p in params if p.requires_grad and p.numel() > 0]
-        self._frozen += [p for p in params if not p.requires_grad]
+        self._deferred += [(gi, p) for p in params if _deferred(p)]
+        self._build_buckets(gi, [p for p in params if not _deferred(p) and p.numel() > 0])
+
+    def _build_deferred(self) -> list[ShardBucket]:
+        """Buckets for the deferred parameters that can now step: frozen ones since unfrozen
+        (``requires_grad_()``; torch AdamW steps them once they have a gradient) and meta ones
+        since materialised (``module.to_empty``), built from their current values, with fresh
+        state. Every rank must toggle ``requires_grad`` alike (as DDP requires)."""
+        ready = [(gi, p) for gi, p in self._deferred if not _deferred(p) and p.numel() > 0]
+        if not ready:
+            return []
+        ids = {id(p) for _, p in ready}
+        self._deferred = [(gi, p) for gi, p in self._deferred if id(p) not in ids]
+        first = len(self._buckets)
+        for gi in sorted({gi for gi, _ in ready}):
+            self._build_buckets(gi, [p for g, p in ready if g == gi])
+        return self._buckets[first:]
+
+    def _build_buckets(self, gi: int, trainable: list[torch.nn.Parameter]) -> None:
+        group = self.param_groups[gi]
         comm = self._comm
         rdtype = lambda p: (
             self._reduce_dtype
@@ -241,7 +338,9 @@ class ShardedAdamW(Optimizer):
         The agreement runs on the parameters' device: NCCL's ``all_gather_object`` would use
         ``torch.cuda.current_device()``, cuda:0 on every rank that skipped ``set_device``."""
         mine = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for p, n in zip(params, names)]
-        device = next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
+        device = next(
+            (p.device for p in params if p.device.type not in ("cpu", "meta")), torch.device("cpu")
+        )
         if device.type == "cpu" and self._comm.backend_on(device) == "nccl":  # no CPU tensors
             device = torch.device("cuda", torch.cuda.current_device())
         self._object_device = device  # for later small agreements (the state server's)
@@ -399,6 +498,16 @@ class ShardedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        new = self._build_deferred()
+        if any(p.is_meta for _, p in self._deferred) and not self._meta_warned:
+            self._meta_warned = True
+            warnings.warn(
+                "ShardedAdamW: parameters on the meta device do not train. module.to_empty() "
+                "gives a module new parameter tensors, so an optimizer (this one or "
+                "torch.optim.AdamW) built before it keeps the old meta ones: build the optimizer "
+                "after materialising the model",
+                stacklevel=3,
+            )
         if not self._buckets:
             return loss
         check_late_process_group(self)
@@ -406,12 +515,16 @@ class ShardedAdamW(Optimizer):
         for b in self._buckets:
             if not b.adopted():  # given new storage (``model.double().float()``, ``p.data =``)
                 b.adopt()
-        for p in self._frozen:
+        if new and (self._ddp is not None or (self._reduced and not self._local_pending)):
+            self._pool.bind(self._buckets)  # their gradients are still in p.grad: reduce them
+            for b in new:
+                self._launch(b)
+        for _, p in self._deferred:
             if p.grad is not None:
                 raise RuntimeError(
-                    f"ShardedAdamW: {self._name(p)} was frozen (requires_grad=False) when the "
-                    "optimizer was built and now has a gradient; build the optimizer after "
-                    "unfreezing, or add it with add_param_group"
+                    f"ShardedAdamW: {self._name(p)} has a gradient but "
+                    + ("is on the meta device" if p.is_meta else "requires_grad=False")
+                    + "; materialise it (module.to_empty) or unfreeze it (requires_grad_())"
                 )
         self._finish_reduction()
         present = presence(self._buckets, self._ddp, self._name)
@@ -590,6 +703,8 @@ class ShardedAdamW(Optimizer):
         nothing extra. Low-precision parameters add their fp32 master weights under
         ``master_param``.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         self.sync_params()
         index: dict = {}
         groups = []
@@ -600,7 +715,12 @@ class ShardedAdamW(Optimizer):
             groups.append({**packed, "params": list(range(start, len(index)))})
         entries = state_entries(self._buckets, ShardBucket.state_buffers, self._server)
         state = {index[p]: entry for p, entry in entries.items()}
-        return {"state": state, "param_groups": groups}
+        state_dict = {"state": state, "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Accepted for ``ZeroRedundancyOptimizer`` compatibility; does nothing.
@@ -639,8 +759,14 @@ class ShardedAdamW(Optimizer):
         (pytorch/pytorch#124133), or CUDA step tensors to the for-loop and foreach paths.
 
         Everything is checked before anything is changed: a mismatch raises and leaves the
-        optimizer as it was.
+        optimizer as it was. ``register_load_state_dict_pre_hook`` and ``_post_hook`` hooks
+        run as for any ``torch.optim.Optimizer``.
         """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -670,6 +796,8 @@ class ShardedAdamW(Optimizer):
         self.sync_params()
         with self._state_load():
             self._load_entries(entries, saved_groups)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _load_entries(self, entries: dict, saved_groups: list) -> None:
         for g, sg in zip(self.param_groups, saved_groups):
@@ -727,6 +855,56 @@ class ShardedAdamW(Optimizer):
                 if q is p:
                     return _label(gi, j, None, p)
         return f"parameter of shape {tuple(p.shape)}"
+
+
+def _check_args(lr, betas, eps, weight_decay, foreach, capturable, differentiable) -> tuple:
+    """``torch.optim.AdamW``'s constructor checks, in its order (before the parameter list is
+    looked at), and its betas as stored (``_to_scalar``). Also what cannot run sharded."""
+    if differentiable:
+        raise ValueError(
+            "ShardedAdamW does not support differentiable=True: autograd through a step whose "
+            "update is split over ranks and re-assembled by a collective is out of scope; use "
+            "torch.optim.AdamW(differentiable=True) for higher-order optimisation"
+        )
+    if capturable:
+        raise ValueError(
+            "ShardedAdamW does not support capturable=True: its step runs collectives and "
+            "host-side bucket planning that a CUDA graph cannot capture"
+        )
+    if isinstance(lr, torch.Tensor):
+        if foreach:
+            raise ValueError(
+                "lr as a Tensor is not supported for capturable=False and foreach=True"
+            )
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    if not (all(tensors) or not any(tensors)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor):
+            if foreach:
+                raise ValueError(
+                    f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    return tuple(_to_scalar(b) for b in betas)
+
+
+def _deferred(p: torch.Tensor) -> bool:
+    """Whether ``p`` gets its bucket later: frozen, or on the meta device (no storage)."""
+    return not p.requires_grad or p.is_meta
 
 
 def _check_hyperparams(group: dict, gi: int) -> None:
