@@ -47,6 +47,13 @@ class ShardBucket:
         self.flat = torch.zeros(layout.padded_numel, dtype=self.param_dtype, device=self.device)
         self.shard = self.flat[rank * S : (rank + 1) * S]  # this rank's part, updated in place
         self._ptrs: list[int] = [0] * len(params)
+        # Non-contiguous parameters (channels_last, transposed) cannot be views of ``flat``
+        # without changing their memory format: they keep their own storage, ``flat`` holds
+        # their values in logical (row-major) order like any parameter's, and the values are
+        # copied in before an update (``copy_in``, when the parameter was written since) and
+        # out after the all-gather (``copy_out``). Slot -> the parameter's ``_version`` when
+        # ``flat`` last matched it.
+        self.outside: dict[int, int] = {}
         self._versions = [-1] * len(params)
         self.adopt()
         self.master = self.shard.to(torch.float32, copy=True) if low else None
@@ -80,7 +87,8 @@ class ShardBucket:
         """Make every parameter live in ``flat``: its values are copied in, then its ``.data``
         points at its place (``_own_storage``). Parameters already there are left alone, so
         this also re-adopts parameters given new storage since (``model.double().float()``,
-        ``p.data = ...``); a master weight is then re-seeded from the new value."""
+        ``p.data = ...``); a master weight is then re-seeded from the new value. A
+        non-contiguous parameter keeps its storage (``outside``)."""
         for i, (p, s) in enumerate(zip(self.params, self.layout.slots)):
             if p.data_ptr() == self._ptrs[i] and p.data_ptr() != 0:
                 continue
@@ -90,16 +98,32 @@ class ShardBucket:
                     f"{self.param_dtype} on {self.device} to {p.dtype} on {p.device} after the "
                     "optimizer was built; move or cast the model before constructing it"
                 )
-            if not p.is_contiguous():
-                raise RuntimeError(
-                    f"ShardedAdamW needs contiguous parameters; a parameter of shape "
-                    f"{tuple(p.shape)} has strides {p.stride()} (transposed or channels_last)"
-                )
             view = self.flat[s.base : s.base + s.numel].view(p.shape)
             view.copy_(p.data)
-            p.data = _own_storage(view)
+            if p.is_contiguous():
+                p.data = _own_storage(view)
+                self.outside.pop(i, None)
+            else:  # keeps its memory format; the bucket holds a copy in logical order
+                self.outside[i] = p._version
             self._ptrs[i] = p.data_ptr()
             self._versions[i] = -1  # makes sync_masters compare this parameter
+
+    def copy_in(self) -> None:
+        """Copy the non-contiguous parameters written since the last step into ``flat``.
+        An in-place write through the parameter bumps its version counter; ``copy_out``
+        writes through ``.data``, which does not."""
+        for i, version in self.outside.items():
+            p = self.params[i]
+            if p._version != version:
+                s = self.layout.slots[i]
+                self.flat[s.base : s.base + s.numel].view(p.shape).copy_(p.data)
+                self.outside[i] = p._version
+
+    def copy_out(self) -> None:
+        """Write the gathered values of the non-contiguous parameters back into them."""
+        for i in self.outside:
+            p, s = self.params[i], self.layout.slots[i]
+            p.data.copy_(self.flat[s.base : s.base + s.numel].view(p.shape))
 
     def adopted(self) -> bool:
         """Whether every parameter still is its view of ``flat`` (one pointer per parameter)."""
@@ -150,7 +174,8 @@ class ShardBucket:
             return comm.reduce_scatter_grads(staging, self.grad, accumulate, async_op)
 
     def sync_masters(self) -> None:
-        """Re-seed the master weights of parameters written outside the optimizer since the
+        """Bring non-contiguous parameters' writes into ``flat`` (``copy_in``), and re-seed the
+        master weights of parameters written outside the optimizer since the
         last step (``model.load_state_dict``, DDP's initial broadcast, a re-adopted
         parameter), where the parameter no longer equals its master rounded to the parameter
         dtype: the parameter wins.
@@ -160,6 +185,7 @@ class ShardBucket:
         of the same values (resuming from a checkpoint that also restores the masters) keeps
         the fp32 masters. The comparison is decided on the device (``torch.where``), so it
         never waits for it."""
+        self.copy_in()
         versions = [p._version for p in self.params]
         if self.master is None or versions == self._versions:
             self._versions = versions

@@ -93,10 +93,14 @@ class _HookState:
                 s = b.layout.slots[i]
                 if not s.owned:
                     continue
+                if not g.is_contiguous():  # memory order is not logical order: one by one
+                    runs.append([b, s.offset, None, s.owned, [j]])
+                    continue
                 src = (g.data_ptr() - buffer.data_ptr()) // item + s.start
                 last = runs[-1] if runs else None
                 if (
                     last
+                    and last[2] is not None
                     and last[0] is b
                     and last[1] + last[3] == s.offset
                     and (last[2] + last[3] == src)
@@ -105,7 +109,10 @@ class _HookState:
                     last[4].append(j)
                 else:
                     runs.append([b, s.offset, src, s.owned, [j]])
-            views = [(b.grad[d : d + n], flat[r : r + n], members) for b, d, r, n, members in runs]
+            views = [
+                (b.grad[d : d + n], None if r is None else flat[r : r + n], members)
+                for b, d, r, n, members in runs
+            ]
             reduce_dtype = slots[0][0].reduce_dtype
             route = (params, slots, views, reduce_dtype)
             self.routes[bucket.index()] = cached = (key, route)
@@ -165,11 +172,12 @@ def _deliver_runs(
 ) -> None:
     """Write (or add, after a second synchronised backward) the averaged owned elements of a
     DDP bucket into the shards, times ``scale``: one kernel per run, or per parameter in the
-    rare run whose parameters differ in whether to add."""
+    rare run whose parameters differ in whether to add, and for a non-contiguous parameter
+    (its gradient's memory order is not the shards' logical order)."""
     grads = None
     for dst, src, members in runs:
         add = {accumulate[j] for j in members}
-        if len(add) == 1:
+        if len(add) == 1 and src is not None:
             deliver(src, dst, add.pop(), scale)
             continue
         grads = grads or bucket.gradients()

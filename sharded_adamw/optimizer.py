@@ -279,10 +279,10 @@ class ShardedAdamW(Optimizer):
                 raise ValueError(f"ShardedAdamW needs floating-point parameters: {label}")
             if p.layout != torch.strided:
                 raise ValueError(f"ShardedAdamW needs dense (strided) parameters: {label}")
-            if not p.is_contiguous():
+            if not p.is_meta and not _non_overlapping(p):
                 raise ValueError(
-                    f"ShardedAdamW needs contiguous parameters (not transposed or "
-                    f"channels_last): {label} has strides {p.stride()}"
+                    f"ShardedAdamW needs parameters whose elements do not share memory: {label} "
+                    f"has strides {p.stride()} (an expanded view); pass a contiguous copy"
                 )
             if name is not None:
                 self._names[p] = name
@@ -900,6 +900,17 @@ def _check_args(lr, betas, eps, weight_decay, foreach, capturable, differentiabl
             if b.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
     return tuple(_to_scalar(b) for b in betas)
+
+
+def _non_overlapping(p: torch.Tensor) -> bool:
+    """Whether no two elements of ``p`` share memory (no zero or overlapping strides)."""
+    dims = sorted((st, n) for st, n in zip(p.stride(), p.shape) if n > 1)
+    span = 1
+    for stride, n in dims:
+        if stride < span:
+            return False
+        span = stride * n
+    return True
 
 
 def _deferred(p: torch.Tensor) -> bool:

@@ -125,7 +125,8 @@ class ParamGather:
         """All-gather ``buckets`` (updated, in forward order) in place."""
         with record_function("sharded_adamw.all_gather"):
             for b in buckets:
-                self._pending[b] = self.comm.all_gather_params(b.flat, async_op=True)
+                handle = self.comm.all_gather_params(b.flat, async_op=True)
+                self._pending[b] = handle.and_then(b.copy_out) if b.outside else handle
                 self._launched.append(b)
 
     def finish(self) -> None:
