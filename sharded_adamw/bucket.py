@@ -21,6 +21,18 @@ from .layout import BucketLayout
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def as_real(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a complex tensor its real view (``torch.view_as_real``: a trailing
+    dimension of 2). A complex parameter lives in its bucket as that view, and its gradient
+    and state follow it, as in torch AdamW, which updates complex tensors through it."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter of ``dtype`` has in its bucket (complex: its real part's)."""
+    return torch.empty(0, dtype=dtype).real.dtype if dtype.is_complex else dtype
+
+
 class ShardBucket:
     """This rank's buffers for one bucket: the parameters' flat buffer, and the AdamW state,
     gradient and master-weight shards."""
@@ -39,7 +51,7 @@ class ShardBucket:
         self.group = group
         self.rank = rank
         p0 = params[0]
-        self.device, self.param_dtype = p0.device, p0.dtype
+        self.device, self.param_dtype = p0.device, real_dtype(p0.dtype)
         low = self.param_dtype in LOW_PRECISION and master_weights
         self.update_dtype = torch.float32 if low else self.param_dtype
         self.reduce_dtype = reduce_dtype or self.update_dtype
@@ -92,16 +104,17 @@ class ShardBucket:
         for i, (p, s) in enumerate(zip(self.params, self.layout.slots)):
             if p.data_ptr() == self._ptrs[i] and p.data_ptr() != 0:
                 continue
-            if p.dtype != self.param_dtype or p.device != self.device:
+            if real_dtype(p.dtype) != self.param_dtype or p.device != self.device:
                 raise RuntimeError(
                     f"ShardedAdamW: a parameter of shape {tuple(p.shape)} changed from "
                     f"{self.param_dtype} on {self.device} to {p.dtype} on {p.device} after the "
                     "optimizer was built; move or cast the model before constructing it"
                 )
-            view = self.flat[s.base : s.base + s.numel].view(p.shape)
-            view.copy_(p.data)
+            view = self.flat[s.base : s.base + s.numel].view(as_real(p).shape)
+            view.copy_(as_real(p.data))
             if p.is_contiguous():
-                p.data = _own_storage(view)
+                own = _own_storage(view)
+                p.data = torch.view_as_complex(own) if p.is_complex() else own
                 self.outside.pop(i, None)
             else:  # keeps its memory format; the bucket holds a copy in logical order
                 self.outside[i] = p._version
@@ -116,14 +129,14 @@ class ShardBucket:
             p = self.params[i]
             if p._version != version:
                 s = self.layout.slots[i]
-                self.flat[s.base : s.base + s.numel].view(p.shape).copy_(p.data)
+                self.flat[s.base : s.base + s.numel].view(as_real(p).shape).copy_(as_real(p.data))
                 self.outside[i] = p._version
 
     def copy_out(self) -> None:
         """Write the gathered values of the non-contiguous parameters back into them."""
         for i in self.outside:
             p, s = self.params[i], self.layout.slots[i]
-            p.data.copy_(self.flat[s.base : s.base + s.numel].view(p.shape))
+            as_real(p.data).copy_(self.flat[s.base : s.base + s.numel].view(as_real(p).shape))
 
     def adopted(self) -> bool:
         """Whether every parameter still is its view of ``flat`` (one pointer per parameter)."""
@@ -159,7 +172,9 @@ class ShardBucket:
         buffer in the bucket's layout (zeros for missing ones and the padding), then one
         collective averages it into the shard."""
         staging = self.staging
-        have = [(d, g.reshape(-1)) for d, g in zip(self._staging_views, grads) if g is not None]
+        have = [
+            (d, as_real(g).reshape(-1)) for d, g in zip(self._staging_views, grads) if g is not None
+        ]
         if len(have) == len(grads):
             torch._foreach_copy_(self._staging_views, [g for _, g in have])
         else:

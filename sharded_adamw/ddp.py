@@ -33,6 +33,7 @@ from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 
 from . import registry
+from .bucket import as_real
 from .collectives import completed_future, deliver
 
 # The optimizer calls into this module (``attach``); here its class is only a type hint, quoted
@@ -93,7 +94,7 @@ class _HookState:
                 s = b.layout.slots[i]
                 if not s.owned:
                     continue
-                if not g.is_contiguous():  # memory order is not logical order: one by one
+                if not g.is_contiguous() or g.is_complex():  # not the shards' order: one by one
                     runs.append([b, s.offset, None, s.owned, [j]])
                     continue
                 src = (g.data_ptr() - buffer.data_ptr()) // item + s.start
@@ -184,7 +185,8 @@ def _deliver_runs(
         for j in members:
             b, i = slots[j]
             s = b.layout.slots[i]
-            deliver(grads[j].reshape(-1)[s.start : s.end], b.owned(b.grad, i), accumulate[j], scale)
+            grad = as_real(grads[j]).reshape(-1)[s.start : s.end]
+            deliver(grad, b.owned(b.grad, i), accumulate[j], scale)
 
 
 def attach(opt: "ShardedAdamW", model: torch.nn.Module) -> None:

@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _to_scalar
 
 from .agreement import StepAgreement, check_finite, presence
-from .bucket import LOW_PRECISION, BufferPool, ShardBucket
+from .bucket import LOW_PRECISION, BufferPool, ShardBucket, as_real, real_dtype
 from .clip import scale_by_norm, total_norm
 from .collectives import Comm, CommStats, Handle
 from .layout import plan_buckets
@@ -273,9 +273,7 @@ class ShardedAdamW(Optimizer):
             if p in seen:
                 raise ValueError(f"ShardedAdamW: {label} appears twice in the parameter list")
             seen.add(p)
-            if p.is_complex():
-                raise ValueError(f"ShardedAdamW does not support complex parameters: {label}")
-            if not p.is_floating_point():
+            if not (p.is_floating_point() or p.is_complex()):
                 raise ValueError(f"ShardedAdamW needs floating-point parameters: {label}")
             if p.layout != torch.strided:
                 raise ValueError(f"ShardedAdamW needs dense (strided) parameters: {label}")
@@ -311,11 +309,13 @@ class ShardedAdamW(Optimizer):
         rdtype = lambda p: (
             self._reduce_dtype
             or (  # noqa: E731
-                torch.float32 if p.dtype in LOW_PRECISION and self._master_weights else p.dtype
+                torch.float32
+                if real_dtype(p.dtype) in LOW_PRECISION and self._master_weights
+                else real_dtype(p.dtype)
             )
         )
         order = [  # buckets fill in backward order: last parameters first
-            (j, (gi, p.dtype, p.device), p.numel(), rdtype(p).itemsize)
+            (j, (gi, real_dtype(p.dtype), p.device), as_real(p).numel(), rdtype(p).itemsize)
             for j, p in reversed(list(enumerate(trainable)))
         ]
         for layout in plan_buckets(order, comm.world_size, comm.rank, self._bucket_cap_bytes):
@@ -811,7 +811,7 @@ class ShardedAdamW(Optimizer):
                 for key, buf in b.state_buffers().items():
                     view = b.owned(buf, i)
                     if key in entry:
-                        view.copy_(entry[key].reshape(-1)[slot.start : slot.end])
+                        view.copy_(as_real(entry[key]).reshape(-1)[slot.start : slot.end])
                     elif key == "master_param":
                         view.copy_(b.param_owned(i))
                     else:

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .bucket import as_real
 from .collectives import Comm, SideChannel
 
 if TYPE_CHECKING:
@@ -250,8 +251,8 @@ def state_entries(
             if steps[i] == 0:
                 continue
             entry = {"step": b.steps[i].detach().to("cpu", copy=True)}
-            for key, t in bufs.items():
-                entry[key] = torch.empty(p.shape, dtype=t.dtype)
+            for key, t in bufs.items():  # filled through its real view if complex
+                entry[key] = torch.empty(p.shape, dtype=_state_dtype(p, t))
             bucket_entries[i] = entry
         entries.append(bucket_entries)
     if server is None:
@@ -268,8 +269,15 @@ def state_entries(
             lo, hi = layout.ranges(i)[rank]
             if hi > lo:  # where that rank's shard holds the range: see layout.py
                 at = layout.slots[i].base + lo - rank * layout.shard_numel
-                entry[key].view(-1)[lo:hi].copy_(shard[at : at + hi - lo])
+                as_real(entry[key]).view(-1)[lo:hi].copy_(shard[at : at + hi - lo])
     return {b.params[i]: e for b, be in zip(buckets, entries) for i, e in be.items()}
+
+
+def _state_dtype(p: torch.Tensor, shard: torch.Tensor) -> torch.dtype:
+    """The dtype of a state entry of ``p`` held in ``shard``: complex for a complex ``p``."""
+    if not p.is_complex():
+        return shard.dtype
+    return torch.view_as_complex(torch.empty(2, dtype=shard.dtype)).dtype
 
 
 def _stop_all() -> None:
