@@ -2,16 +2,15 @@
 flag and parameter presence, read back from one small all-reduce), none at all with
 ``skip_nonfinite=False``, no grad scaler and presence known without asking the peers.
 
-How syncs are counted on a CPU-only machine, where no real sync can be observed:
-
-- A ``TorchDispatchMode`` sees every aten op, whoever calls it (the optimizer, torch's AdamW,
-  DDP's hooks, the grad scaler). An op whose result is a Python number or bool computed from a
-  tensor must wait for the device: ``_local_scalar_dense`` (what ``.item()``, ``bool()``,
-  ``float()`` and ``int()`` of a tensor dispatch to), ``equal``, ``is_nonzero`` and any other
-  op that returns a non-tensor. Each one counts. So does ``lift_fresh``: a tensor built from
-  Python data, which on an accelerator is a host-to-device copy made for the step.
-- ``Tensor.tolist``, ``Tensor.numpy`` and ``Tensor.cpu`` read a tensor without reaching the
-  dispatcher on CPU, so they are patched for the duration and every call counts.
+How syncs are counted on a CPU-only machine, where no real sync can be observed: every
+Python-level call that would make the host wait for the device, or build a tensor from Python
+data (a host-to-device copy on an accelerator), is patched to count for the duration of the
+real step, on this thread only (the state servers' threads do not count):
+``Tensor.item``, ``tolist``, ``numpy``, ``cpu``, ``nonzero``, ``__bool__``, ``__float__``,
+``__int__``, ``torch.equal``, ``torch.tensor`` and ``torch.as_tensor``. No dispatch mode is
+used: under a ``TorchDispatchMode`` an in-place foreach op on views does not bump the base's
+version counter, so a re-read keyed on a version counter (the step-count mirror's) would be
+hidden from the count, as it once was.
 
 One exemption, and only in the unfused runs: reads of the optimizer's own step-count
 tensors. Outside ``fused``, torch keeps them on the CPU whatever the parameters' device, and
@@ -30,7 +29,6 @@ from collections.abc import Iterator
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sharded_adamw import ShardedAdamW, ShardedGradScaler
 
@@ -38,7 +36,8 @@ from . import distributed
 from .models import TinyLM, batch, loss_fn, param_groups
 
 STEPS = 4
-READS = ("tolist", "numpy", "cpu")  # tensor reads that bypass the dispatcher on CPU
+TENSOR_READS = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__float__", "__int__")
+TORCH_CALLS = ("equal", "tensor", "as_tensor")
 SCENARIOS = {  # name: (attached, optimizer options, bf16 parameters, scaler, unused branch)
     "attached": (True, {}, False, False, False),
     "attached, skip_nonfinite=False": (True, {"skip_nonfinite": False}, False, False, False),
@@ -54,51 +53,45 @@ SCENARIOS = {  # name: (attached, optimizer options, bf16 parameters, scaler, un
 }
 
 
-class HostSyncs(TorchDispatchMode):
-    """Counts, per op name, the host syncs of the code run inside it on this thread (see
-    the module docstring); reads of tensors whose storage is in ``exempt`` do not count."""
+class HostSyncs:
+    """Counts, per call name, the host syncs of the code run inside ``reads_counted`` on this
+    thread (see the module docstring); reads of tensors whose storage is in ``exempt`` do not
+    count."""
 
     def __init__(self, exempt: set[int]):
-        super().__init__()
         self.exempt = exempt
         self.counts: Counter[str] = Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if func is torch.ops.aten.lift_fresh.default:
-            self.counts["lift_fresh"] += 1
-        elif tensors and not isinstance(out, (torch.Tensor, list, tuple, type(None))):
-            if not all(t.untyped_storage().data_ptr() in self.exempt for t in tensors):
-                self.counts[str(func.overloadpacket.__name__)] += 1
-        return out
-
     @contextlib.contextmanager
     def reads_counted(self) -> Iterator[None]:
-        """Patch the dispatcher-bypassing reads (``READS``) to count, on this thread only."""
         me = threading.get_ident()
-        originals = {name: getattr(torch.Tensor, name) for name in READS}
+        patched = [(torch.Tensor, name) for name in TENSOR_READS]
+        patched += [(torch, name) for name in TORCH_CALLS]
+        originals = {(owner, name): getattr(owner, name) for owner, name in patched}
 
-        def counting(name: str):
-            original = originals[name]
+        def counting(owner, name: str):
+            original = originals[(owner, name)]
 
-            def read(t: torch.Tensor, *a, **k):
-                if threading.get_ident() == me and t.untyped_storage().data_ptr() not in (
-                    self.exempt
-                ):
-                    self.counts[name] += 1
-                return original(t, *a, **k)
+            def call(*a, **k):
+                if threading.get_ident() == me:
+                    tensors = [t for t in a if isinstance(t, torch.Tensor)]
+                    if (
+                        owner is torch
+                        and name in ("tensor", "as_tensor")
+                        or not all(t.untyped_storage().data_ptr() in self.exempt for t in tensors)
+                    ):
+                        self.counts[name] += 1
+                return original(*a, **k)
 
-            return read
+            return call
 
-        for name in READS:
-            setattr(torch.Tensor, name, counting(name))
+        for owner, name in patched:
+            setattr(owner, name, counting(owner, name))
         try:
-            with self:
-                yield
+            yield
         finally:
-            for name, original in originals.items():
-                setattr(torch.Tensor, name, original)
+            for (owner, name), original in originals.items():
+                setattr(owner, name, original)
 
 
 def _step_tensors_on_host(opt: ShardedAdamW) -> set[int]:
