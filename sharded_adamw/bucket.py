@@ -28,6 +28,17 @@ def as_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive places of memory in some order of
+    its dimensions (contiguous, channels_last, transposed): no gaps, no overlap."""
+    expected = 1
+    for stride, n in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expected:
+            return False
+        expected *= n
+    return True
+
+
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a parameter of ``dtype`` has in its bucket (complex: its real part's)."""
     return torch.empty(0, dtype=dtype).real.dtype if dtype.is_complex else dtype

@@ -33,7 +33,7 @@ from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 
 from . import registry
-from .bucket import as_real
+from .bucket import as_real, is_dense
 from .collectives import completed_future, deliver
 
 # The optimizer calls into this module (``attach``); here its class is only a type hint, quoted
@@ -90,7 +90,8 @@ class _HookState:
             slots = [self.opt._slot[p] for p in params]
             flat, item = buffer.view(-1), buffer.element_size()
             runs: list[list] = []  # [shard bucket, dst start, src start, length, members]
-            for j, ((b, i), g) in enumerate(zip(slots, bucket.gradients())):
+            grads = [_logical(g, p) for g, p in zip(bucket.gradients(), params)]
+            for j, ((b, i), g) in enumerate(zip(slots, grads)):
                 s = b.layout.slots[i]
                 if not s.owned:
                     continue
@@ -115,7 +116,7 @@ class _HookState:
                 for b, d, r, n, members in runs
             ]
             reduce_dtype = slots[0][0].reduce_dtype
-            route = (params, slots, views, reduce_dtype)
+            route = (params, slots, views, reduce_dtype, grads)
             self.routes[bucket.index()] = cached = (key, route)
         return cached[1]
 
@@ -139,7 +140,7 @@ def _reduce_scatter_hook(
     ``p.grad`` (the local, unreduced gradient DDP copied into its bucket) is set to None:
     nothing should read it, and its memory is the full model's gradients.
     """
-    params, slots, runs, reduce_dtype = state.route(bucket)
+    params, slots, runs, reduce_dtype, grads = state.route(bucket)
     opt = state.opt
     comm = opt._comm
     buffer = bucket.buffer()
@@ -158,30 +159,39 @@ def _reduce_scatter_hook(
                 b.reduced[i] = b.has_grad = True
             handle, scale = comm.average_in_place(buffer, async_op=True)
             opt._pending.append(
-                handle.and_then(lambda: _deliver_runs(runs, slots, bucket, accumulate, scale))
+                handle.and_then(lambda: _deliver_runs(runs, slots, grads, accumulate, scale))
             )
         else:
-            for (b, i), g in zip(slots, bucket.gradients()):
+            for (b, i), g in zip(slots, grads):
                 opt.arrived(b, i, g)
     for p in params:
         p.grad = None
     return completed_future(buffer)
 
 
+def _logical(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Parameter ``p``'s gradient in DDP's bucket, as a view with ``p``'s shape and indexing.
+
+    DDP lays a dense non-contiguous parameter's gradient (channels_last) into its bucket in
+    the parameter's memory order, while ``GradBucket.gradients()`` views every stretch as
+    contiguous: for such a parameter the view is rebuilt with the parameter's strides."""
+    if p.is_contiguous() or not is_dense(p):
+        return g
+    return g.as_strided(p.shape, p.stride(), g.storage_offset())
+
+
 def _deliver_runs(
-    runs: list, slots: list, bucket: dist.GradBucket, accumulate: list[bool], scale: float
+    runs: list, slots: list, grads: list[torch.Tensor], accumulate: list[bool], scale: float
 ) -> None:
     """Write (or add, after a second synchronised backward) the averaged owned elements of a
     DDP bucket into the shards, times ``scale``: one kernel per run, or per parameter in the
     rare run whose parameters differ in whether to add, and for a non-contiguous parameter
     (its gradient's memory order is not the shards' logical order)."""
-    grads = None
     for dst, src, members in runs:
         add = {accumulate[j] for j in members}
         if len(add) == 1 and src is not None:
             deliver(src, dst, add.pop(), scale)
             continue
-        grads = grads or bucket.gradients()
         for j in members:
             b, i = slots[j]
             s = b.layout.slots[i]
