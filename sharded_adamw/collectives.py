@@ -27,6 +27,7 @@ all-gather and sends as much as both. With these, one step of sharded AdamW coun
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import time
 import uuid
@@ -132,6 +133,7 @@ class Comm:
             for i in range(self.world_size)
         ]
         self.global_rank = dist.get_rank() if self.shard_group is not None else 0
+        self.force_nccl_path = os.environ.get("SHARDED_ADAMW_DATA_PATH", "") == "nccl"
         self.stats = CommStats()
 
     @property
@@ -145,6 +147,15 @@ class Comm:
         ("gloo", "nccl", ...; "local" without a process group)."""
         return self._backends.get(device.type, self._backends.get("", "undefined"))
 
+    def gloo_path(self, device: torch.device) -> bool:
+        """Whether tensors on ``device`` take the gloo data path (in-place all-reduce of the
+        staging buffer, one broadcast per shard) rather than the one written for NCCL (a
+        reduce-scatter and an all-gather into tensors). Every other backend takes the NCCL
+        path. ``SHARDED_ADAMW_DATA_PATH=nccl`` in the environment (read at construction)
+        makes gloo take the NCCL path too, so that CI without a GPU runs its code: gloo
+        implements ``reduce_scatter_tensor`` and ``all_gather_into_tensor``."""
+        return self.backend_on(device) == "gloo" and not self.force_nccl_path
+
     def in_place(self, device: torch.device) -> bool:
         """Whether gradients on ``device`` are averaged by an in-place all-reduce of the whole
         buffer.
@@ -153,7 +164,7 @@ class Comm:
         shard of the all-reduce has the same bits as the reduce-scatter's; all-reducing the
         buffer in place therefore gives the same result without the clone. NCCL has a real
         reduce-scatter, which moves half the bytes."""
-        return self.backend_on(device) == "gloo"
+        return self.gloo_path(device)
 
     def reduce_scatter_grads(
         self, staging: torch.Tensor, into: torch.Tensor, accumulate: bool, async_op: bool
@@ -163,11 +174,10 @@ class Comm:
         data-parallel ranks into this rank's shard ``into`` (added to it when
         ``accumulate``); ``wait()`` on the handle delivers.
 
-        On NCCL a reduce-scatter writes the shard directly, the ``1 / dp_size`` factor folded
-        into the sum (``premul_sum``). On gloo, whose reduce-scatter is an all-reduce of a
-        clone of its input, ``staging`` is all-reduced in place and this rank's part of it
-        delivered. Across a replicate group the shard is then all-reduced. The averaged
-        gradient has DDP's bits: see ``_scale_for``.
+        On NCCL a reduce-scatter (SUM) writes the shard. On gloo, whose reduce-scatter is an
+        all-reduce of a clone of its input, ``staging`` is all-reduced in place and this
+        rank's part of it delivered. Across a replicate group the shard is then all-reduced.
+        The averaged gradient has DDP's bits: see ``_scale_for``.
         """
         n = into.numel()
         self._count("reduce_scatter", staging)
@@ -180,8 +190,7 @@ class Comm:
         else:
             direct = not accumulate and into.dtype == staging.dtype and scale == 1.0
             result = into if direct else staging.new_empty(n)
-            op = self._premul_sum(staging.device) or dist.ReduceOp.SUM
-            work = _reduce_scatter(result, staging, op, self.shard_group, async_op)
+            work = _reduce_scatter(result, staging, dist.ReduceOp.SUM, self.shard_group, async_op)
         return Handle(work, lambda: self._finish_average(result, into, accumulate, scale))
 
     def average_in_place(self, buffer: torch.Tensor, async_op: bool) -> tuple[Handle, float]:
@@ -196,24 +205,22 @@ class Comm:
 
     def _scale_for(self, t: torch.Tensor) -> float:
         """Where the ``1 / dp_size`` of the average is applied, so that the result has the
-        bits of DDP's reducer, which scales every gradient before the sum: on NCCL inside the
-        collective (nothing to do here); for a power-of-two ``dp_size`` after the sum, on the
+        bits of DDP's reducer, which multiplies every gradient by ``1 / dp_size`` as it copies
+        it into its bucket and then sums: for a power-of-two ``dp_size`` after the sum, on the
         delivered shard only (scaling by a power of two is exact, so it commutes with the
-        sum); otherwise before the sum, by a pass over ``t``. Returns the factor left to apply
-        on delivery."""
-        if self.dp_size == 1 or self._premul_sum(t.device) is not None:
+        sum); otherwise before the sum, by one pass over ``t``, exactly DDP's product.
+        Returns the factor left to apply on delivery.
+
+        The sum itself is always a plain SUM, on NCCL too: no ``PREMUL_SUM``, whose bf16/fp16
+        form torch built wrongly before pytorch#190747 (the factor read as 2 bytes), whose
+        factor is rounded to the reduce dtype (1/3 is 0.2% off in bf16), and which rules out
+        NCCL's NVLS (NVSwitch) reductions."""
+        if self.dp_size == 1:
             return 1.0
         if self.dp_size & (self.dp_size - 1) == 0:
             return 1.0 / self.dp_size
         t.mul_(1.0 / self.dp_size)
         return 1.0
-
-    def _premul_sum(self, device: torch.device):
-        """NCCL's reduce op that scales by ``1 / dp_size`` as it sums, where there is one."""
-        nccl = self.backend_on(device) == "nccl"
-        if nccl and self.dp_size > 1 and hasattr(dist, "_make_nccl_premul_sum"):
-            return dist._make_nccl_premul_sum(1.0 / self.dp_size)
-        return None
 
     def _finish_average(
         self, result: torch.Tensor, into: torch.Tensor, accumulate: bool, scale: float
@@ -236,7 +243,7 @@ class Comm:
             return Handle(None)
         n = flat.numel() // self.world_size
         shards = flat.view(self.world_size, n)
-        if self.backend_on(flat.device) == "gloo":
+        if self.gloo_path(flat.device):
             return Handle(
                 [
                     dist.broadcast(shards[i], src, group=self.shard_group, async_op=async_op)

@@ -52,6 +52,9 @@ TORCH_ADAMW_HAS_DECOUPLED_KEY = (
 # Param-group keys that say how this job runs the update rather than where training is: a
 # load keeps the loading optimizer's values, which match where construction put the step
 # tensors (on the parameters' device for fused, on the CPU otherwise).
+# Keys an old ``torch.optim.AdamW`` state dict may lack, and the value torch then gives them
+# (``Adam.__setstate__``).
+OLD_GROUP_DEFAULTS = {"amsgrad": False, "maximize": False}
 RUNTIME_KEYS = ("params", "foreach", "fused", "capturable", "differentiable")
 
 
@@ -225,15 +228,17 @@ class ShardedAdamW(Optimizer):
         return new
 
     def __getstate__(self) -> dict:
-        """Pickling (single process): parameters, hyperparameters, options and the state in
-        ``state_dict()`` form; ``__setstate__`` rebuilds the buckets. A process group cannot
-        be pickled: with one, save ``state_dict()`` instead (or ``save_checkpoint``)."""
-        if self._comm.distributed:
+        """Pickling: parameters, hyperparameters, options and the state in ``state_dict()``
+        form; ``__setstate__`` rebuilds the buckets over the default process group of the
+        process that unpickles (every rank must then unpickle, as for any construction). An
+        explicit process group cannot be pickled: save ``state_dict()`` instead (or
+        ``save_checkpoint``)."""
+        if self._config["process_group"] is not None:
             raise TypeError(
-                "ShardedAdamW over a process group cannot be pickled (process groups cannot); "
-                "save opt.state_dict() or use sharded_adamw.save_checkpoint"
+                "ShardedAdamW over an explicit process group or mesh cannot be pickled (process "
+                "groups cannot); save opt.state_dict() or use sharded_adamw.save_checkpoint"
             )
-        config = {k: v for k, v in self._config.items() if k != "process_group"}
+        config = dict(self._config)
         return {
             "param_groups": self.param_groups,
             "defaults": self.defaults,
@@ -706,15 +711,18 @@ class ShardedAdamW(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self.sync_params()
-        index: dict = {}
+        index: dict = {}  # a parameter listed twice keeps its first index, as in torch
         groups = []
+        start = 0
         for g in self.param_groups:
-            start = len(index)
-            index.update((p, start + j) for j, p in enumerate(g["params"]))
+            index.update((p, j) for j, p in enumerate(g["params"], start) if p not in index)
             packed = {k: v for k, v in g.items() if k != "params"}
-            groups.append({**packed, "params": list(range(start, len(index)))})
+            groups.append({**packed, "params": [index[p] for p in g["params"]]})
+            start += len(g["params"])
         entries = state_entries(self._buckets, ShardBucket.state_buffers, self._server)
         state = {index[p]: entry for p, entry in entries.items()}
+        # entries keyed by something else than a parameter pass through, as in torch
+        state.update((k, v) for k, v in self.state.items() if not isinstance(k, torch.Tensor))
         state_dict = {"state": state, "param_groups": groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
@@ -783,8 +791,8 @@ class ShardedAdamW(Optimizer):
             by_id.update(zip(sg["params"], g["params"]))
         state = state_dict["state"]
         for pid, entry in state.items():
-            if pid not in by_id:
-                raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
+            if pid not in by_id:  # kept as is (``_load_entries``), as torch does
+                continue
             p = by_id[pid]
             for key in (*STATE_KEYS, "master_param"):
                 if key in entry and tuple(entry[key].shape) != tuple(p.shape):
@@ -796,12 +804,18 @@ class ShardedAdamW(Optimizer):
         self.sync_params()
         with self._state_load():
             self._load_entries(entries, saved_groups)
+            for k, v in state.items():
+                if k not in by_id:
+                    self.state[k] = v
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def _load_entries(self, entries: dict, saved_groups: list) -> None:
         for g, sg in zip(self.param_groups, saved_groups):
             g.update({k: v for k, v in sg.items() if k not in RUNTIME_KEYS})
+            for k, v in OLD_GROUP_DEFAULTS.items():  # a state dict older than the key
+                if k not in sg:
+                    g[k] = v
         for b in self._buckets:
             if b.group["amsgrad"] and b.max_exp_avg_sq is None:
                 b.max_exp_avg_sq = b._zeros(b.layout.shard_numel)
