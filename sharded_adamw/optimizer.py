@@ -293,12 +293,19 @@ class ShardedAdamW(Optimizer):
         self._deferred += [(gi, p) for p in params if _deferred(p)]
         self._build_buckets(gi, [p for p in params if not _deferred(p) and p.numel() > 0])
 
-    def _build_deferred(self) -> list[ShardBucket]:
+    def _build_deferred(self, with_state: Iterable[torch.Tensor] = ()) -> list[ShardBucket]:
         """Buckets for the deferred parameters that can now step: frozen ones since unfrozen
         (``requires_grad_()``; torch AdamW steps them once they have a gradient) and meta ones
         since materialised (``module.to_empty``), built from their current values, with fresh
-        state. Every rank must toggle ``requires_grad`` alike (as DDP requires)."""
-        ready = [(gi, p) for gi, p in self._deferred if not _deferred(p) and p.numel() > 0]
+        state; and frozen ones in ``with_state`` (a load gives them state, which torch keeps
+        for a frozen parameter). Every rank must toggle ``requires_grad`` alike (as DDP
+        requires)."""
+        load = {id(p) for p in with_state}
+        ready = [
+            (gi, p)
+            for gi, p in self._deferred
+            if (not _deferred(p) or (id(p) in load and not p.is_meta)) and p.numel() > 0
+        ]
         if not ready:
             return []
         ids = {id(p) for _, p in ready}
@@ -331,7 +338,8 @@ class ShardedAdamW(Optimizer):
             for i, p in enumerate(members):
                 self._slot[p] = (bucket, i)
                 self.state[p] = bucket.state_of(i)
-                if self._overlap:
+                if self._overlap and p.requires_grad:  # frozen with loaded state: no hook;
+                    # if unfrozen, its bucket is launched at the end of backward or in step()
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
             self._buckets.append(bucket)
         self._gather.added()
@@ -582,7 +590,7 @@ class ShardedAdamW(Optimizer):
         count alone, so either way the bits are those of ``torch.optim.AdamW``. Low-precision
         parameters are updated in their fp32 masters, then rounded into the shards."""
         bp_of = dict(zip(self._buckets, present))
-        order = [b for b in self._gather.begin() if any(bp_of[b])]
+        order = [b for b in self._gather.begin(self._object_device) if any(bp_of[b])]
         for b in order:
             b.sync_masters()
             if b.group["amsgrad"] and b.max_exp_avg_sq is None:
@@ -802,6 +810,7 @@ class ShardedAdamW(Optimizer):
                     )
         entries = {p: state[pid] for pid, p in by_id.items() if pid in state}
         self.sync_params()
+        self._build_deferred(with_state=entries)
         with self._state_load():
             self._load_entries(entries, saved_groups)
             for k, v in state.items():

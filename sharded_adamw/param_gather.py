@@ -108,14 +108,24 @@ class ParamGather:
             self._hook.remove()
             self._hook = None
 
-    def begin(self) -> list[ShardBucket]:
+    def begin(self, object_device: torch.device) -> list[ShardBucket]:
         """Start a step's all-gathers: wait for the last step's, fix the forward order (at the
-        first step) and return the buckets in it; ``launch`` them as they are updated."""
+        first step) and return the buckets in it; ``launch`` them as they are updated.
+
+        The order is agreed at the first step: every rank takes shard rank 0's. Each rank
+        learnt it from its own first forward, and a module unused on one rank (a skipped
+        branch, an expert without tokens) would otherwise launch that rank's all-gathers in
+        another order than its peers' (mismatched collectives). A rank whose forward order
+        differs still waits correctly: a module waits for everything up to its position."""
         self.wait_all()
         if self._learning:
             self._learning = False
             seen = set(self.order)
             self.order += [b for b in reversed(self.buckets) if b not in seen]
+            if self.comm.distributed and self.overlap:
+                mine = [self.buckets.index(b) for b in self.order]
+                first = self.comm.all_gather_object(mine, object_device)[0]
+                self.order = [self.buckets[i] for i in first]
             self._index = {b: i for i, b in enumerate(self.order)}
         self._launched = []
         self._next = 0
