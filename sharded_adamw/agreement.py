@@ -79,6 +79,17 @@ class StepAgreement:
         self.comm = comm
         self._flags: torch.Tensor | None = None
 
+    def found_on_device(self, buckets: list[ShardBucket], found: torch.Tensor) -> torch.Tensor:
+        """Whether any rank ``found`` a non-finite gradient, as a 0-d float tensor on the
+        device (one all-reduce, max), never read on the host: for fused AdamW's
+        ``found_inf``."""
+        if self._flags is None or self._flags.numel() != 1:
+            self._flags = torch.empty(1, dtype=torch.float32, device=buckets[0].device)
+        self._flags.copy_(found.reshape(1))
+        if self.comm.distributed:
+            self.comm.all_reduce_(self._flags, "max")
+        return self._flags.clamp(max=1.0).reshape(())
+
     def skip(
         self,
         buckets: list[ShardBucket],

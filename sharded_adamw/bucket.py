@@ -105,6 +105,7 @@ class ShardBucket:
         self.staging: torch.Tensor | None = None  # a BufferPool slot, bound before use
         self.slot: tuple = ()
         self._staging_views: list[torch.Tensor] = []
+        self._staging_gaps: list[torch.Tensor] = []
 
     def adopt(self) -> None:
         """Make every parameter live in ``flat``: its values are copied in, then its ``.data``
@@ -162,6 +163,7 @@ class ShardBucket:
         precompute each parameter's view of it, so a backward makes no per-parameter views."""
         self.staging = buffer[: self.slot_bytes()].view(self.reduce_dtype)
         self._staging_views = [self.staging[s.base : s.base + s.numel] for s in self.layout.slots]
+        self._staging_gaps = [self.staging[a:b] for a, b in self.layout.gaps()]
 
     def owned(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """Slot ``i``'s owned part of a shard-shaped tensor (empty where this rank owns none)."""
@@ -194,7 +196,8 @@ class ShardBucket:
                     d.zero_()
             if have:
                 torch._foreach_copy_([d for d, _ in have], [g for _, g in have])
-        staging[self.layout.numel :].zero_()
+        if self._staging_gaps:  # the slot is shared with other buckets: zero the padding
+            torch._foreach_zero_(self._staging_gaps)
         accumulate, self.has_grad = self.has_grad, True
         with record_function("sharded_adamw.reduce_scatter"):
             return comm.reduce_scatter_grads(staging, self.grad, accumulate, async_op)

@@ -87,7 +87,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .layout import plan_buckets
+from .layout import align_elements, plan_buckets
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 LOW_PRECISION = ("bf16", "fp16")  # kept with fp32 master weights and fp32 state
@@ -146,13 +146,15 @@ DEFAULT_CAP_BYTES = 25 * 2**20  # ShardedAdamW's default bucket_cap_mb
 
 
 def _buckets(sizes: Sizes, d: int, elem: int = 4, cap_bytes: int = DEFAULT_CAP_BYTES) -> list:
-    """The optimizer's buckets over tensors of ``sizes`` (in the order given)."""
+    """The optimizer's buckets over tensors of ``sizes`` (in the order given), with the
+    padding that aligns every tensor and shard as on a GPU (``layout.ALIGN_BYTES``)."""
     order = [(0, (), n, elem) for n, c in _sizes(sizes).items() for _ in range(c) if n]
-    return plan_buckets(order, d, 0, cap_bytes)
+    return plan_buckets(order, d, 0, cap_bytes, align_elements("cuda", elem))
 
 
 def shard_numel(sizes: Sizes, d: int) -> int:
-    """Elements of every rank's shard buffers: each bucket's ``ceil(numel / d)``."""
+    """Elements of every rank's shard buffers: each bucket's ``ceil(span / d)`` rounded up
+    to the alignment (``layout.py``)."""
     return sum(b.shard_numel for b in _buckets(sizes, d))
 
 

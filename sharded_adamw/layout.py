@@ -4,11 +4,24 @@ which elements.
 Pure arithmetic: nothing here touches a process group or allocates a tensor, so every rule can
 be tested without processes.
 
-A bucket is one flat buffer: its parameters one after the other, in bucket order, then zero
-padding up to a multiple of the world size ``W`` (at most ``W - 1`` elements per bucket). The
-buffer is cut into ``W`` equal contiguous shards of ``S = padded / W`` elements; rank ``r``
-owns ``[r * S, (r + 1) * S)`` of the bucket (the padding, if any, sits at the end of the last
-rank's shard). The optimizer keeps the parameters as views of this buffer, so:
+A bucket is one flat buffer: its parameters one after the other, in bucket order, each
+starting at a multiple of ``align`` elements (zero padding between them), then zero padding up
+to ``W`` shards of ``S`` elements, ``S`` a multiple of ``align`` too (``W`` the world size).
+Rank ``r`` owns ``[r * S, (r + 1) * S)`` of the bucket (the tail padding sits at the end of
+the last ranks' shards). Padding per bucket: under ``align`` elements per parameter, plus
+under ``W * align`` at the end.
+
+``align`` is ``ALIGN_BYTES`` of the device over the element size: every parameter, and every
+shard, then starts where a tensor of its own would (torch's CPU allocator aligns to 64 bytes,
+its CUDA allocator to 512, and cuBLASLt picks kernels by alignment up to 256 bytes). Kernels
+read a misaligned tensor otherwise: BLAS took another path and gave other bits for a
+parameter inside a bucket than for the same values alone (a forward that differed from
+``torch.optim.AdamW``'s run in the last bit); Inductor decides alignment from
+``storage_offset`` (0 for a parameter here, whatever its address) and would emit aligned
+loads for a misaligned pointer; fused and vectorised kernels take slower tails. And a shard
+boundary that falls inside a parameter falls at a multiple of ``align`` of it, so the part of
+the parameter past it keeps its vector lanes. The optimizer keeps the parameters as views of
+this buffer, so:
 
 - the all-gather of the shards writes the parameters themselves (no copy-out);
 - the update runs in place on the owned shard, a contiguous slice of the buffer (no cat);
@@ -26,8 +39,21 @@ size would pass ``bucket_cap_bytes``; a parameter larger than the cap gets a buc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+# Bytes every parameter's and shard's start is aligned to, by device type (see above).
+ALIGN_BYTES = {"cuda": 256}
+DEFAULT_ALIGN_BYTES = 64
+
+
+def align_elements(device_type: str, element_size: int) -> int:
+    """Elements of ``element_size`` bytes that make ``ALIGN_BYTES`` on ``device_type``."""
+    return max(ALIGN_BYTES.get(device_type, DEFAULT_ALIGN_BYTES) // element_size, 1)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def shard_size(numel: int, world_size: int) -> int:
@@ -69,20 +95,40 @@ class BucketLayout:
     key: tuple  # (param group index, dtype, device) shared by every slot
     slots: tuple[ParamSlot, ...]
     world_size: int
+    align: int = 1  # elements every parameter's start and the shard size are multiples of
 
     @property
     def numel(self) -> int:
+        """Elements of the parameters (padding excluded)."""
         return sum(s.numel for s in self.slots)
+
+    @property
+    def span(self) -> int:
+        """Elements from the bucket's start to the end of its last parameter."""
+        last = self.slots[-1]
+        return last.base + last.numel
 
     @property
     def shard_numel(self) -> int:
         """Elements of the bucket's shard on every rank (padding included)."""
-        return shard_size(self.numel, self.world_size)
+        return _round_up(shard_size(self.span, self.world_size), self.align)
 
     @property
     def padded_numel(self) -> int:
-        """Elements of the bucket's flat buffer: parameters plus at most ``W - 1`` padding."""
+        """Elements of the bucket's flat buffer: parameters and padding."""
         return self.shard_numel * self.world_size
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """The ``[start, end)`` stretches of the buffer that no parameter covers (the padding
+        before each aligned parameter and at the end), in order."""
+        out, end = [], 0
+        for s in self.slots:
+            if s.base > end:
+                out.append((end, s.base))
+            end = s.base + s.numel
+        if self.padded_numel > end:
+            out.append((end, self.padded_numel))
+        return out
 
     def ranges(self, i: int) -> list[tuple[int, int]]:
         """Every rank's owned flat range of slot ``i``'s parameter, in rank order."""
@@ -95,12 +141,14 @@ def plan_buckets(
     world_size: int,
     rank: int,
     bucket_cap_bytes: int,
+    align: Callable[[tuple], int] | int = 1,
 ) -> list[BucketLayout]:
     """Cut parameters into buckets and place each parameter in its bucket.
 
     ``params`` lists ``(index, key, numel, element_size)`` in the order buckets should be
     filled; parameters with different keys never share a bucket, and a key change always
-    starts a new bucket so that buckets stay in the given order.
+    starts a new bucket so that buckets stay in the given order. ``align``: the alignment in
+    elements (see the module docstring), or a function of the key that gives it.
     """
     if bucket_cap_bytes <= 0:
         raise ValueError(f"bucket_cap_bytes must be positive, got {bucket_cap_bytes}")
@@ -115,12 +163,17 @@ def plan_buckets(
         used += numel * elem
     buckets = []
     for key, members in runs:
-        shard = shard_size(sum(n for _, n in members), world_size)
-        slots, base = [], 0
-        for index, numel in members:
+        a = align(key) if callable(align) else align
+        bases, base = [], 0
+        for _, numel in members:
+            bases.append(base)
+            base = _round_up(base + numel, a)
+        span = bases[-1] + members[-1][1]
+        shard = _round_up(shard_size(span, world_size), a)
+        slots = []
+        for (index, numel), base in zip(members, bases):
             start, end = owned_range(base, numel, shard, rank)
             offset = base + start - rank * shard
             slots.append(ParamSlot(index, numel, base, start, end, min(max(offset, 0), shard)))
-            base += numel
-        buckets.append(BucketLayout(key, tuple(slots), world_size))
+        buckets.append(BucketLayout(key, tuple(slots), world_size, a))
     return buckets

@@ -35,7 +35,7 @@ from .agreement import StepAgreement, check_finite, presence
 from .bucket import LOW_PRECISION, BufferPool, ShardBucket, as_real, real_dtype
 from .clip import scale_by_norm, total_norm
 from .collectives import Comm, CommStats, Handle
-from .layout import plan_buckets
+from .layout import align_elements, plan_buckets
 from .param_gather import ParamGather
 from .registry import check_late_process_group, optimizer_built
 from .state_server import StateServer, state_entries
@@ -140,7 +140,8 @@ class ShardedAdamW(Optimizer):
         self._master_weights = master_weights
         self._reduce_dtype = reduce_dtype
         self.skip_nonfinite = skip_nonfinite
-        self.skipped_steps = 0
+        self._skipped_on_host = 0
+        self._skipped_on_device: torch.Tensor | None = None  # fused: counted on the device
         self._scaler_checked = False  # ShardedGradScaler checked the shards for this step
         self._step_supports_amp_scaling = True  # GradScaler hands its scale to step()
         self._buckets: list[ShardBucket] = []
@@ -330,7 +331,10 @@ class ShardedAdamW(Optimizer):
             (j, (gi, real_dtype(p.dtype), p.device), as_real(p).numel(), rdtype(p).itemsize)
             for j, p in reversed(list(enumerate(trainable)))
         ]
-        for layout in plan_buckets(order, comm.world_size, comm.rank, self._bucket_cap_bytes):
+        align = lambda key: align_elements(key[2].type, key[1].itemsize)  # noqa: E731
+        for layout in plan_buckets(
+            order, comm.world_size, comm.rank, self._bucket_cap_bytes, align
+        ):
             members = [trainable[s.index] for s in layout.slots]
             bucket = ShardBucket(
                 layout, members, group, comm.rank, self._master_weights, self._reduce_dtype
@@ -554,11 +558,18 @@ class ShardedAdamW(Optimizer):
         if scaler_found is not None:  # already agreed by ShardedGradScaler; decided in skip()
             scaler_found = scaler_found.to(self._buckets[0].device).reshape(1)
             found = scaler_found if found is None else found + scaler_found
-        skip = self._agreement.skip(self._buckets, self._ddp, present, found)
+        skip_on_device = None
+        if found is not None and scaler_found is None and self._skips_on_device():
+            # fused AdamW takes the agreed flag as ``found_inf`` and skips on the device:
+            # the host never waits for the backward (GradScaler's way with fused optimizers)
+            skip_on_device = self._agreement.found_on_device(self._buckets, found)
+            skip = False
+        else:
+            skip = self._agreement.skip(self._buckets, self._ddp, present, found)
         for b, bp in zip(self._buckets, present):
             b.stepped = list(bp)
         if skip:
-            self.skipped_steps += 1
+            self._skipped_on_host += 1
             self._after_step()
             if self._comm.global_rank == 0:
                 logger.warning(
@@ -570,11 +581,35 @@ class ShardedAdamW(Optimizer):
         with self._state_lock():  # a state_dict() being served finishes first
             if self._server is not None:
                 self._server.updates_started += 1
-        self._update_and_gather(present)
+        self._update_and_gather(present, skip_on_device)
         self._after_step()
         return loss
 
-    def _update_and_gather(self, present: list[list[bool]]) -> None:
+    def _skips_on_device(self) -> bool:
+        """Whether the non-finite skip can be decided on the device: every group runs fused
+        AdamW (which takes ``found_inf``) and which parameters step needs no agreement
+        (attached to a DDP that reduces every parameter, or a single process)."""
+        if not all(g["fused"] for g in self.param_groups):
+            return False
+        ddp = self._ddp
+        if ddp is not None:
+            return not (ddp.find_unused_parameters or ddp.static_graph)
+        return not self._comm.distributed
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient. Where the skip is decided on the device
+        (fused), reading this waits for the device."""
+        on_device = 0 if self._skipped_on_device is None else int(self._skipped_on_device.item())
+        return self._skipped_on_host + on_device
+
+    @skipped_steps.setter
+    def skipped_steps(self, n: int) -> None:
+        self._skipped_on_host, self._skipped_on_device = n, None
+
+    def _update_and_gather(
+        self, present: list[list[bool]], found_inf: torch.Tensor | None = None
+    ) -> None:
         """AdamW in place on every owned shard that has a gradient, and the all-gather of those
         buckets: run by run in forward order (``ParamGather``), each run's all-gathers launched
         as soon as it is updated, so that they travel while the next run updates.
@@ -588,7 +623,14 @@ class ShardedAdamW(Optimizer):
         counts differ (a partial load), is a run of its own over the owned parts of the
         parameters that step. AdamW is elementwise and the bias corrections depend on the
         count alone, so either way the bits are those of ``torch.optim.AdamW``. Low-precision
-        parameters are updated in their fp32 masters, then rounded into the shards."""
+        parameters are updated in their fp32 masters, then rounded into the shards.
+        ``found_inf`` (a 0-d device tensor, fused only): 1.0 skips every update on the device,
+        step counts included, as torch's fused AdamW does with GradScaler's flag."""
+        if found_inf is not None:
+            if self._skipped_on_device is None:
+                self._skipped_on_device = torch.zeros((), device=found_inf.device)
+            self._skipped_on_device += found_inf
+            increment = 1.0 - found_inf  # for the step tensors fused AdamW does not see
         bp_of = dict(zip(self._buckets, present))
         order = [b for b in self._gather.begin(self._object_device) if any(bp_of[b])]
         for b in order:
@@ -598,7 +640,8 @@ class ShardedAdamW(Optimizer):
         for group, run, uniform in self._runs(order, bp_of):
             with record_function("sharded_adamw.update"):
                 if uniform:
-                    torch._foreach_add_([b.other_steps for b in run], 1)
+                    others = [b.other_steps for b in run]
+                    torch._foreach_add_(others, 1 if found_inf is None else increment)
                     adamw_update(
                         [b.shard if b.master is None else b.master for b in run],
                         [b.grad for b in run],
@@ -607,11 +650,12 @@ class ShardedAdamW(Optimizer):
                         [b.max_exp_avg_sq for b in run] if group["amsgrad"] else [],
                         [b.first_step for b in run],
                         group,
+                        found_inf=found_inf,
                     )
                     for b in run:
                         b.advanced(b.present_all)
                 else:
-                    self._update_some(run[0], bp_of[run[0]])
+                    self._update_some(run[0], bp_of[run[0]], found_inf)
                 masters = [b for b in run if b.master is not None]
                 if masters:
                     torch._foreach_copy_([b.shard for b in masters], [b.master for b in masters])
@@ -641,7 +685,9 @@ class ShardedAdamW(Optimizer):
             yield run[0].group, run, key[1]
 
     @staticmethod
-    def _update_some(b: ShardBucket, present: list[bool]) -> None:
+    def _update_some(
+        b: ShardBucket, present: list[bool], found_inf: torch.Tensor | None = None
+    ) -> None:
         """AdamW on the owned parts of the parameters of ``b`` that step."""
         idx = [i for i, ok in enumerate(present) if ok]
         cut = lambda t: [b.owned(t, i) for i in idx]  # noqa: E731
@@ -653,6 +699,7 @@ class ShardedAdamW(Optimizer):
             cut(b.max_exp_avg_sq) if b.group["amsgrad"] else [],
             [b.steps[i] for i in idx],
             b.group,
+            found_inf=found_inf,
         )
         b.advanced(present)
 

@@ -1,5 +1,8 @@
 """Run a function on W gloo (or NCCL) processes and collect what each rank returns.
 
+``PATHS`` are the data paths the step-path tests run under: gloo's own, and the one written
+for NCCL forced over gloo, so that every NCCL branch runs in CI without a GPU.
+
 Each call spawns fresh processes with a free port and a collective timeout, so a hang becomes
 a failure with the rank's traceback. Test modules call it once per world size (through a
 module-scoped fixture) and run many scenarios inside one spawn.
@@ -16,6 +19,8 @@ import traceback
 
 import torch.multiprocessing as mp
 
+PATHS = ("gloo", "nccl")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -23,11 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results, backend):
+def _worker(rank, world_size, port, fn, args, results, backend, data_path):
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["SHARDED_ADAMW_DATA_PATH"] = data_path
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
@@ -49,15 +55,26 @@ def _worker(rank, world_size, port, fn, args, results, backend):
             dist.destroy_process_group()
 
 
-def run(fn, world_size: int, *args, timeout: float = 240.0, backend: str = "gloo") -> list:
+def run(
+    fn,
+    world_size: int,
+    *args,
+    timeout: float = 240.0,
+    backend: str = "gloo",
+    data_path: str = "",
+) -> list:
     """``[fn(rank, world_size, *args) for each rank]``, computed in ``world_size`` processes
-    over ``backend`` (with ``"nccl"``, rank ``r`` runs on ``cuda:r``)."""
+    over ``backend`` (with ``"nccl"``, rank ``r`` runs on ``cuda:r``). ``data_path="nccl"``
+    makes ShardedAdamW take the code path written for NCCL over gloo
+    (``SHARDED_ADAMW_DATA_PATH``; see ``Comm.gloo_path``)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
-            target=_worker, args=(r, world_size, port, fn, args, results, backend), daemon=True
+            target=_worker,
+            args=(r, world_size, port, fn, args, results, backend, data_path),
+            daemon=True,
         )
         for r in range(world_size)
     ]

@@ -132,9 +132,14 @@ def _all_scenarios(rank: int, world: int) -> dict:
     return results
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
+@pytest.fixture(
+    scope="module",
+    params=[(w, path) for path in distributed.PATHS for w in WORLD_SIZES],
+    ids=lambda p: f"W{p[0]}-{p[1]}",
+)
 def world(request) -> tuple[int, list[dict]]:
-    return request.param, distributed.run(_all_scenarios, request.param)
+    w, path = request.param
+    return w, distributed.run(_all_scenarios, w, data_path=path)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -155,6 +155,13 @@ def test_no_host_sync_without_nonfinite_check_or_scaler_when_attached(counts):
     assert counts["attached, skip_nonfinite=False"] == [{}] * STEPS
 
 
+def test_no_host_sync_at_all_on_the_fused_path_when_attached(counts):
+    """fused: the agreed non-finite flag goes to fused AdamW as ``found_inf`` and the skip
+    happens on the device; with every parameter reduced by DDP there is nothing else to
+    read back, so the step never waits for the device."""
+    assert counts["attached, fused"] == [{}] * STEPS
+
+
 def test_standalone_without_nonfinite_check_agrees_on_presence_only(counts):
     """Standalone, some parameter may have had no gradient on some rank: presence is agreed
     in the one small all-reduce, still at most one sync."""

@@ -64,9 +64,9 @@ def _hybrid(rank: int, world: int) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def results():
-    return distributed.run(_hybrid, 4)
+@pytest.fixture(scope="module", params=distributed.PATHS)
+def results(request):
+    return distributed.run(_hybrid, 4, data_path=request.param)
 
 
 @pytest.mark.parametrize("mode", ["standalone", "attach"])

@@ -61,3 +61,40 @@ def test_bad_arguments_are_named():
         plan_buckets([(0, (), 5, 4)], 0, 0, 100)
     with pytest.raises(ValueError, match="bucket_cap_bytes"):
         plan_buckets([(0, (), 5, 4)], 2, 0, 0)
+
+
+@pytest.mark.parametrize("sizes", [[1], [5, 7, 64], [481, 1, 1000, 3], [13, 29, 13, 37]])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("align", [4, 16, 64])
+def test_aligned_layout_starts_every_parameter_and_shard_on_the_alignment(sizes, world, align):
+    """Every parameter's start and the shard size are multiples of ``align``; the padding
+    (``gaps``) is exactly what no parameter covers; the ranks' ranges still partition each
+    parameter; a shard boundary inside a parameter falls at a multiple of ``align`` of it."""
+    params = [(i, (), n, 4) for i, n in enumerate(sizes)]
+    per_rank = [plan_buckets(params, world, r, 1 << 40, align)[0] for r in range(world)]
+    layout = per_rank[0]
+    assert layout.shard_numel % align == 0
+    covered = [0] * layout.padded_numel
+    for s in layout.slots:
+        assert s.base % align == 0
+        for k in range(s.base, s.base + s.numel):
+            covered[k] += 1
+    for a, b in layout.gaps():
+        for k in range(a, b):
+            covered[k] += 1
+    assert covered == [1] * layout.padded_numel
+    assert layout.padded_numel - layout.numel < align * (len(sizes) + world)
+    for i, n in enumerate(sizes):
+        ranges = layout.ranges(i)
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        for (_, hi), (lo, _) in zip(ranges, ranges[1:]):
+            assert hi == lo and (lo % align == 0 or lo in (0, n))  # n: empty ranges after it
+
+
+def test_alignment_follows_the_device_and_dtype():
+    from sharded_adamw.layout import align_elements
+
+    assert align_elements("cpu", 4) == 16  # 64 bytes, torch's CPU allocator alignment
+    assert align_elements("cpu", 2) == 32
+    assert align_elements("cuda", 4) == 64  # 256 bytes
+    assert align_elements("cpu", 8) == 8

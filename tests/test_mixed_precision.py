@@ -258,9 +258,14 @@ def _all(rank: int, world: int) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=(2, 3), ids=lambda w: f"W{w}")
+@pytest.fixture(
+    scope="module",
+    params=[(w, path) for path in distributed.PATHS for w in (2, 3)],
+    ids=lambda p: f"W{p[0]}-{p[1]}",
+)
 def world(request):
-    return request.param, distributed.run(_all, request.param)
+    w, path = request.param
+    return w, distributed.run(_all, w, data_path=path)
 
 
 def _check_params(w: int, params: dict, what: str) -> None:
