@@ -145,22 +145,36 @@ def numel(sizes: Sizes) -> int:
 DEFAULT_CAP_BYTES = 25 * 2**20  # ShardedAdamW's default bucket_cap_mb
 
 
-def _buckets(sizes: Sizes, d: int, elem: int = 4, cap_bytes: int = DEFAULT_CAP_BYTES) -> list:
-    """The optimizer's buckets over tensors of ``sizes`` (in the order given), with the
-    padding that aligns every tensor and shard as on a GPU (``layout.ALIGN_BYTES``)."""
+def _buckets(
+    sizes: Sizes,
+    d: int,
+    elem: int = 4,
+    cap_bytes: int = DEFAULT_CAP_BYTES,
+    *,
+    device: str = "cuda",
+    param_bytes: int = 4,
+) -> list:
+    """The optimizer's buckets over tensors of ``sizes`` (in the order given; ``elem``: the
+    reduce dtype's bytes, which the cap counts), with the padding that aligns every tensor
+    and shard of ``param_bytes`` elements on ``device`` (``layout.ALIGN_BYTES``)."""
     order = [(0, (), n, elem) for n, c in _sizes(sizes).items() for _ in range(c) if n]
-    return plan_buckets(order, d, 0, cap_bytes, align_elements("cuda", elem))
+    return plan_buckets(order, d, 0, cap_bytes, align_elements(device, param_bytes))
 
 
-def shard_numel(sizes: Sizes, d: int) -> int:
+def shard_numel(sizes: Sizes, d: int, *, device: str = "cuda", param_bytes: int = 4) -> int:
     """Elements of every rank's shard buffers: each bucket's ``ceil(span / d)`` rounded up
-    to the alignment (``layout.py``)."""
-    return sum(b.shard_numel for b in _buckets(sizes, d))
+    to the alignment (``layout.py``; ``span`` counts the padding between tensors)."""
+    return sum(b.shard_numel for b in _buckets(sizes, d, device=device, param_bytes=param_bytes))
 
 
-def padded_numel(sizes: Sizes, d: int) -> int:
+def padded_numel(sizes: Sizes, d: int, *, device: str = "cuda", param_bytes: int = 4) -> int:
     """Elements of the full reduce-scatter input / all-gather output (padding included)."""
-    return shard_numel(sizes, d) * d
+    return shard_numel(sizes, d, device=device, param_bytes=param_bytes) * d
+
+
+def device_of(backend: str) -> str:
+    """The device type whose alignment a backend's tensors get: gloo's are on the CPU."""
+    return "cpu" if backend == "gloo" else "cuda"
 
 
 @dataclass(frozen=True)
@@ -183,15 +197,16 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    sizes: Sizes, world_size: int, dtype: str = "fp32", *, replicas: int = 1
+    sizes: Sizes, world_size: int, dtype: str = "fp32", *, replicas: int = 1, device: str = "cuda"
 ) -> dict[str, MemoryEstimate]:
-    """Per-rank bytes of ``ddp``, ``attached`` (ZeRO-1) and ``standalone`` (ZeRO-2)."""
+    """Per-rank bytes of ``ddp``, ``attached`` (ZeRO-1) and ``standalone`` (ZeRO-2), with
+    parameters on ``device`` (its alignment sets the padding)."""
     d = shard_size(world_size, replicas)
     sizes = _sizes(sizes)
     pb = _dtype_bytes(dtype)
     ub = DTYPE_BYTES[update_dtype(dtype)]
     state_per_elem = 2 * ub + (ub if dtype in LOW_PRECISION else 0)  # exp_avg, exp_avg_sq, master
-    P, shard = numel(sizes), shard_numel(sizes, d)
+    P, shard = numel(sizes), shard_numel(sizes, d, device=device, param_bytes=pb)
     return {
         "ddp": MemoryEstimate("DDP + torch AdamW", P * pb, P * ub, P * state_per_elem, P),
         "attached": MemoryEstimate(
@@ -228,9 +243,9 @@ class PeakEstimate:
         return self.total / self.numel if self.numel else 0.0
 
 
-def _largest_bucket(sizes: dict[int, int], d: int, elem: int, cap_bytes: int) -> int:
+def _largest_bucket(sizes: dict[int, int], d: int, elem: int, cap_bytes: int, **where) -> int:
     """Padded elements of the largest of the optimizer's buckets (``layout.plan_buckets``)."""
-    return max((b.padded_numel for b in _buckets(sizes, d, elem, cap_bytes)), default=0)
+    return max((b.padded_numel for b in _buckets(sizes, d, elem, cap_bytes, **where)), default=0)
 
 
 def estimate_peak(
@@ -250,11 +265,12 @@ def estimate_peak(
     sizes = _sizes(sizes)
     pb, ub = _dtype_bytes(dtype), DTYPE_BYTES[update_dtype(dtype)]
     rb = DTYPE_BYTES[reduce_dtype or update_dtype(dtype)]
-    P, shard = numel(sizes), shard_numel(sizes, d)
+    where = dict(device=device_of(backend), param_bytes=pb)
+    P, shard = numel(sizes), shard_numel(sizes, d, **where)
     largest = max((n for n, c in sizes.items() if c), default=0)
     cap = int(bucket_cap_mb * 2**20)
-    bucket = _largest_bucket(sizes, d, rb, cap)
-    slots = min(gather_buffers, len(_buckets(sizes, d, rb, cap)))  # as BufferPool allocates
+    bucket = _largest_bucket(sizes, d, rb, cap, **where)
+    slots = min(gather_buffers, len(_buckets(sizes, d, rb, cap, **where)))  # as BufferPool does
     # foreach AdamW's one input-sized temporary, over one run (optimizer._runs)
     update_temp = min(shard * ub, max(cap // 4, bucket // d * ub))
     state = shard * (2 * ub + (ub if dtype in LOW_PRECISION else 0))
@@ -345,6 +361,7 @@ def comm_model(
     replicas: int = 1,
     gpus_per_node: int = 8,
     reduce_dtype: str | None = None,
+    device: str = "cuda",
 ) -> dict[str, CommScheme]:
     """Per-step collectives of ``ddp``, ``flat`` sharding over all ranks and, when
     ``replicas > 1``, ``hybrid`` sharding over a ``replicas x shard`` mesh."""
@@ -357,7 +374,8 @@ def comm_model(
     rb = _dtype_bytes(reduce_dtype or update_dtype(dtype))
     ddp_grad = DTYPE_BYTES[update_dtype(dtype)]
     world_link = _link([range(W)], gpus_per_node)
-    flat = padded_numel(sizes, W)
+    where = dict(device=device, param_bytes=pb)
+    flat = padded_numel(sizes, W, **where)
     schemes = {
         "ddp": CommScheme(
             f"DDP all-reduce over {W} ranks",
@@ -374,7 +392,7 @@ def comm_model(
     if R > 1:
         shard_link = _link((range(r * S, (r + 1) * S) for r in range(R)), gpus_per_node)
         replica_link = _link((range(s, W, S) for s in range(S)), gpus_per_node)
-        hybrid = padded_numel(sizes, S)
+        hybrid = padded_numel(sizes, S, **where)
         schemes["hybrid"] = CommScheme(
             f"ShardedAdamW hybrid, {R} replicas x {S}-way",
             (
@@ -408,7 +426,14 @@ def counted_comm_bytes(
     gradient" flag per tensor.
     """
     sizes = _sizes(sizes)
-    schemes = comm_model(sizes, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype)
+    schemes = comm_model(
+        sizes,
+        world_size,
+        dtype,
+        replicas=replicas,
+        reduce_dtype=reduce_dtype,
+        device=device_of(backend),
+    )
     counts = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0, "all_reduce_bytes": 0}
     for c in schemes["hybrid" if replicas > 1 else "flat"].collectives:
         counts[c.kind.replace("-", "_") + "_bytes"] += c.counted_bytes
@@ -480,7 +505,7 @@ def render_estimate(
     )
     rdtype = reduce_dtype or update_dtype(dtype)
     split = " and ".join(f"{c:,} of {n:,} elements" for n, c in sizes.items())
-    pad = padded_numel(sizes, S) - params
+    pad = padded_numel(sizes, S, param_bytes=_dtype_bytes(dtype)) - params
     out = [
         f"# {params:,} parameters, {dtype}, {world_size} ranks on {nodes} "
         f"node{'s' if nodes > 1 else ''} of {gpus_per_node}, state sharded {S}-way"

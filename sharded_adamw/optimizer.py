@@ -614,18 +614,18 @@ class ShardedAdamW(Optimizer):
         buckets: run by run in forward order (``ParamGather``), each run's all-gathers launched
         as soon as it is updated, so that they travel while the next run updates.
 
-        A run (``_runs``) is one call of torch's implementation over consecutive buckets of a
-        param group whose parameters all step from one count (each bucket's ``steps[0]``
-        stands for its parameters; the other step tensors follow in one add). Runs stay
-        small: foreach AdamW allocates temporaries as large as its input
-        (``exp_avg_sq.sqrt()``), so one call over every shard would add a state-sized buffer
-        to the peak. A bucket where some parameter had no gradient on any rank, or whose
-        counts differ (a partial load), is a run of its own over the owned parts of the
-        parameters that step. AdamW is elementwise and the bias corrections depend on the
-        count alone, so either way the bits are those of ``torch.optim.AdamW``. Low-precision
-        parameters are updated in their fp32 masters, then rounded into the shards.
-        ``found_inf`` (a 0-d device tensor, fused only): 1.0 skips every update on the device,
-        step counts included, as torch's fused AdamW does with GradScaler's flag."""
+        A run (``_runs``) is one call of torch's implementation over consecutive buckets of a param
+        group whose parameters all step from one count (each bucket's ``steps[0]`` stands for its
+        parameters; the other step tensors follow in one add). Runs stay small: foreach AdamW
+        allocates temporaries as large as its input (``exp_avg_sq.sqrt()``), so one call over every
+        shard would add a state-sized buffer to the peak. A bucket where some parameter had no
+        gradient on any rank, or whose counts differ (a partial load), is a run of its own over the
+        owned parts of the parameters that step; so is every bucket of a fused group (``_runs``).
+        AdamW is elementwise and the bias corrections depend on the count alone, so either way the
+        bits are those of ``torch.optim.AdamW``. Low-precision parameters are updated in their fp32
+        masters, then rounded into the shards. ``found_inf`` (a 0-d device tensor, fused only): 1.0
+        skips every update on the device, step counts included, as torch's fused AdamW does with
+        GradScaler's flag."""
         if found_inf is not None:
             if self._skipped_on_device is None:
                 self._skipped_on_device = torch.zeros((), device=found_inf.device)
@@ -673,7 +673,10 @@ class ShardedAdamW(Optimizer):
         run: list[ShardBucket] = []
         used, key = 0, None
         for b in order:
-            uniform = b.uniform(present[b])
+            # fused AdamW's CPU kernel gives a tensor's tail (past its last full vector)
+            # other bits than its body: it runs on each parameter's owned part, whose tail is
+            # the parameter's own (owned parts start at multiples of the alignment)
+            uniform = b.uniform(present[b]) and not b.group["fused"]
             size = b.layout.shard_numel * b.exp_avg.element_size()
             if run and ((id(b.group), uniform) != key or not uniform or used + size > limit):
                 yield run[0].group, run, key[1]

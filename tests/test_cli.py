@@ -65,13 +65,17 @@ def test_bf16_ddp_is_the_18_byte_row_and_sharded_keeps_2_byte_params(d):
 
 
 def test_padding_is_exact_for_sizes_that_do_not_divide():
-    sizes = {1001: 3, 7: 2}  # one bucket of 3017 elements: shards of ceil(3017 / 4) = 755
-    shard = 755
-    m = estimate_memory(sizes, 4, "fp32")["standalone"]
-    assert m.params == 4 * numel(sizes)  # parameters keep their own, unpadded storage
-    assert m.grads == 4 * shard
-    assert m.state == 8 * shard
-    assert padded_numel(sizes, 4) - numel(sizes) == 4 * 755 - 3017  # at most W - 1 per bucket
+    # one bucket; on CUDA every tensor starts at a multiple of 64 fp32 (256 bytes): at 0,
+    # 1024, 2048, 3072 and 3136, so the span is 3143; shards of ceil(3143 / 4) = 786
+    # rounded up to 64: 832. On the CPU (64 bytes, 16 fp32): bases 0, 1008, 2016, 3024,
+    # 3040, span 3047, shards of 762 rounded up to 16: 768.
+    sizes = {1001: 3, 7: 2}
+    for device, shard in (("cuda", 832), ("cpu", 768)):
+        m = estimate_memory(sizes, 4, "fp32", device=device)["standalone"]
+        assert m.params == 4 * numel(sizes)  # parameters keep their own, unpadded storage
+        assert m.grads == 4 * shard
+        assert m.state == 8 * shard
+        assert padded_numel(sizes, 4, device=device) - numel(sizes) == 4 * shard - 3017
     assert estimate_memory(sizes, 4, "fp32")["ddp"].total == 16 * numel(sizes)  # no padding
 
 
@@ -233,7 +237,7 @@ def real_steps():
 def test_estimate_equals_what_a_real_step_holds_and_counts(real_steps, dtype, attach, replicas):
     for rank, per_setup in enumerate(real_steps):
         r = per_setup[(dtype, attach, replicas)]
-        est = estimate_memory(r["sizes"], 4, dtype, replicas=replicas)
+        est = estimate_memory(r["sizes"], 4, dtype, replicas=replicas, device="cpu")
         est = est["attached" if attach else "standalone"]
         step_counters = 4 * len(r["sizes"])  # host memory, left out of the estimate
         assert est.state + step_counters == r["memory"]["state_allocated_bytes"], rank
@@ -347,8 +351,10 @@ def test_report_of_a_local_optimizer_shows_memory_and_counted_bytes():
     text = report(opt)
     P = sum(p.numel() for p in model.parameters())
     assert f"{P:,} trainable parameters" in text
-    assert f"| gradient shard | {4 * P:,} |" in text
-    assert f"| reduce-scatter | 1 | {4 * P:,} |" in text  # one group, one bucket, world 1
+    shard = opt.memory()["grad_shard_bytes"]  # the parameters and their alignment padding
+    assert 4 * P <= shard < 4 * (P + 16 * len(list(model.parameters())))
+    assert f"| gradient shard | {shard:,} |" in text
+    assert f"| reduce-scatter | 1 | {shard:,} |" in text  # one group, one bucket, world 1
     assert "## Communication in the last step" in text
 
 
