@@ -979,12 +979,10 @@ def valid(p: Program) -> bool:
     return True
 
 
-def shrink(prog: Program, failure, rank: int, world: int, budget: int = 60):
-    """Greedy: take the first candidate that still fails the same way, until none does or
-    ``budget`` runs are spent. Returns (program, failure, runs)."""
-    kind = failure[0]
-    runs = 0
-    progress = True
+def _greedy(prog: Program, still_fails, budget: int) -> tuple[Program, object, int]:
+    """Take the first valid candidate for which ``still_fails`` returns a failure (not None),
+    until none does or ``budget`` candidates are tried. Returns (program, failure, runs)."""
+    runs, failure, progress = 0, None, True
     while progress and runs < budget:
         progress = False
         for cand in _candidates(prog):
@@ -993,11 +991,23 @@ def shrink(prog: Program, failure, rank: int, world: int, budget: int = 60):
             if runs >= budget:
                 break
             runs += 1
-            res = check(cand, rank, world)
-            if res is not None and res[0] == kind:
+            res = still_fails(cand)
+            if res is not None:
                 prog, failure, progress = cand, res, True
                 break
     return prog, failure, runs
+
+
+def shrink(prog: Program, failure, rank: int, world: int, budget: int = 60):
+    """Greedy: the smallest program found that still fails the same way.
+    Returns (program, failure, runs)."""
+
+    def same_kind(cand):
+        res = check(cand, rank, world)
+        return res if res is not None and res[0] == failure[0] else None
+
+    small, res, runs = _greedy(prog, same_kind, budget)
+    return small, res or failure, runs
 
 
 def _note(path: str | None, rank: int, **what) -> None:
@@ -1092,22 +1102,15 @@ def shrink_crash(prog: Program, budget: int) -> tuple[Program, int]:
     """Shrink a program that crashes the spawn: one spawn per candidate (slow; CLI only)."""
     from . import distributed
 
-    runs = 0
-    progress = True
-    while progress and runs < budget:
-        progress = False
-        for cand in _candidates(prog):
-            if not valid(cand):
-                continue
-            if runs >= budget:
-                break
-            runs += 1
-            try:
-                distributed.run(_run_one, prog.world, cand, timeout=120.0)
-            except AssertionError:
-                prog, progress = cand, True
-                break
-    return prog, runs
+    def crashes(cand):
+        try:
+            distributed.run(_run_one, prog.world, cand, timeout=120.0)
+        except AssertionError:
+            return "crash"
+        return None
+
+    small, _, runs = _greedy(prog, crashes, budget)
+    return small, runs
 
 
 def report(item: dict, file=None) -> str:

@@ -61,6 +61,13 @@ def _hybrid(rank: int, world: int) -> dict:
         out["unnamed"] = None
     except ValueError as e:
         out["unnamed"] = str(e)
+    try:
+        ShardedAdamW(TinyLM().parameters(), process_group=init_device_mesh("cpu", (1, 2, 2)))
+        out["3-D"] = None
+    except ValueError as e:
+        out["3-D"] = str(e)
+    flat = ShardedAdamW(TinyLM().parameters(), process_group=init_device_mesh("cpu", (4,)))
+    out["1-D shards over"] = flat.memory()["world_size"]
     return out
 
 
@@ -99,3 +106,9 @@ def test_only_the_shard_crosses_the_replicate_group(results, mode):
 def test_a_mesh_without_dim_names_is_refused(results):
     for r in results:
         assert r["unnamed"] is not None and "('replicate', 'shard')" in r["unnamed"]
+
+
+def test_a_1d_mesh_shards_over_all_its_ranks_and_a_3d_mesh_is_refused(results):
+    for r in results:
+        assert r["1-D shards over"] == 4
+        assert "must be 1-D or 2-D, got 3-D" in r["3-D"]
