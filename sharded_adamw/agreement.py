@@ -79,16 +79,52 @@ class StepAgreement:
         self.comm = comm
         self._flags: torch.Tensor | None = None
 
-    def found_on_device(self, buckets: list[ShardBucket], found: torch.Tensor) -> torch.Tensor:
-        """Whether any rank ``found`` a non-finite gradient, as a 0-d float tensor on the
-        device (one all-reduce, max), never read on the host: for fused AdamW's
-        ``found_inf``."""
-        if self._flags is None or self._flags.numel() != 1:
-            self._flags = torch.empty(1, dtype=torch.float32, device=buckets[0].device)
-        self._flags.copy_(found.reshape(1))
+    def on_device(
+        self,
+        buckets: list[ShardBucket],
+        ddp,
+        present: list[list[bool]],
+        found: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The same agreement as ``skip``, left on the device for fused AdamW's ``found_inf``
+        (never read on the host): ``(skip, absent)``, ``skip`` a 0-d float (1.0: skip the
+        step), ``absent`` one float per parameter in bucket order (1.0: no rank had a
+        gradient) or None where ``present`` is already what every rank agrees on."""
+        standalone = self.comm.distributed and (
+            ddp is None or ddp.find_unused_parameters or ddp.static_graph
+        )
+        flags = self._fill(buckets, present if standalone else None, found)
         if self.comm.distributed:
-            self.comm.all_reduce_(self._flags, "max")
-        return self._flags.clamp(max=1.0).reshape(())
+            self.comm.all_reduce_(flags, "max")
+        skip = flags[0].clamp(max=1.0)
+        return skip, (1.0 - flags[1:]) if standalone else None
+
+    def _fill(
+        self,
+        buckets: list[ShardBucket],
+        present: list[list[bool]] | None,
+        found: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The reusable flags buffer: ``found`` first, then (with ``present``) 1.0 for each
+        parameter that had a gradient here."""
+        n = 1 + (sum(len(bp) for bp in present) if present is not None else 0)
+        if self._flags is None or self._flags.numel() != n:
+            self._flags = torch.empty(n, dtype=torch.float32, device=buckets[0].device)
+        flags = self._flags
+        flags.zero_()
+        if found is not None:
+            flags[:1].copy_(found.reshape(1))
+        if present is not None:
+            k = 1
+            for bp in present:
+                if all(bp):
+                    flags[k : k + len(bp)].fill_(1.0)
+                else:  # unused parameters: one write each, only in such buckets
+                    for j, x in enumerate(bp):
+                        if x:
+                            flags[k + j].fill_(1.0)
+                k += len(bp)
+        return flags
 
     def skip(
         self,
@@ -105,23 +141,7 @@ class StepAgreement:
             return found is not None and found.item() > 0
         if found is None and not standalone:
             return False
-        n = 1 + (sum(len(bp) for bp in present) if standalone else 0)
-        if self._flags is None or self._flags.numel() != n:
-            self._flags = torch.empty(n, dtype=torch.float32, device=buckets[0].device)
-        flags = self._flags
-        flags.zero_()
-        if found is not None:
-            flags[:1].copy_(found)
-        if standalone:
-            k = 1
-            for bp in present:
-                if all(bp):
-                    flags[k : k + len(bp)].fill_(1.0)
-                else:  # unused parameters: one write each, only in such buckets
-                    for j, x in enumerate(bp):
-                        if x:
-                            flags[k + j].fill_(1.0)
-                k += len(bp)
+        flags = self._fill(buckets, present if standalone else None, found)
         values = self.comm.all_reduce_(flags, "max").tolist()
         if standalone:
             k = 1

@@ -253,6 +253,9 @@ class ShardBucket:
         The update has just bumped ``steps``' version counter itself, so the mirror must not
         be re-read here (that would count the step twice); ``uniform`` read it before the
         update, which is when an outside write would have been seen."""
+        if self.group["fused"]:  # fused may skip on the device: counts unknown here, and
+            self._steps_version = -1  # never needed (its runs are per parameter)
+            return
         counts = self._step_counts
         for i, ok in enumerate(present):
             if ok:

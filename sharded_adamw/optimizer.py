@@ -142,6 +142,7 @@ class ShardedAdamW(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self._skipped_on_host = 0
         self._skipped_on_device: torch.Tensor | None = None  # fused: counted on the device
+        self._absent_on_device: torch.Tensor | None = None  # fused: agreed, not read back
         self._scaler_checked = False  # ShardedGradScaler checked the shards for this step
         self._step_supports_amp_scaling = True  # GradScaler hands its scale to step()
         self._buckets: list[ShardBucket] = []
@@ -558,16 +559,17 @@ class ShardedAdamW(Optimizer):
         if scaler_found is not None:  # already agreed by ShardedGradScaler; decided in skip()
             scaler_found = scaler_found.to(self._buckets[0].device).reshape(1)
             found = scaler_found if found is None else found + scaler_found
-        skip_on_device = None
-        if found is not None and scaler_found is None and self._skips_on_device():
-            # fused AdamW takes the agreed flag as ``found_inf`` and skips on the device:
-            # the host never waits for the backward (GradScaler's way with fused optimizers)
-            skip_on_device = self._agreement.found_on_device(self._buckets, found)
+        on_device = None
+        if scaler_found is None and inv is None and all(g["fused"] for g in self.param_groups):
+            # fused AdamW takes the agreed flags as ``found_inf`` and skips on the device: the
+            # host never waits for the backward (GradScaler's way with fused optimizers)
+            on_device = self._agreement.on_device(self._buckets, self._ddp, present, found)
             skip = False
         else:
             skip = self._agreement.skip(self._buckets, self._ddp, present, found)
+        self._absent_on_device = None if on_device is None else on_device[1]
         for b, bp in zip(self._buckets, present):
-            b.stepped = list(bp)
+            b.stepped = list(bp)  # on the device path: this rank's (``zero_grad`` agrees)
         if skip:
             self._skipped_on_host += 1
             self._after_step()
@@ -581,20 +583,9 @@ class ShardedAdamW(Optimizer):
         with self._state_lock():  # a state_dict() being served finishes first
             if self._server is not None:
                 self._server.updates_started += 1
-        self._update_and_gather(present, skip_on_device)
+        self._update_and_gather(present, on_device)
         self._after_step()
         return loss
-
-    def _skips_on_device(self) -> bool:
-        """Whether the non-finite skip can be decided on the device: every group runs fused
-        AdamW (which takes ``found_inf``) and which parameters step needs no agreement
-        (attached to a DDP that reduces every parameter, or a single process)."""
-        if not all(g["fused"] for g in self.param_groups):
-            return False
-        ddp = self._ddp
-        if ddp is not None:
-            return not (ddp.find_unused_parameters or ddp.static_graph)
-        return not self._comm.distributed
 
     @property
     def skipped_steps(self) -> int:
@@ -608,7 +599,9 @@ class ShardedAdamW(Optimizer):
         self._skipped_on_host, self._skipped_on_device = n, None
 
     def _update_and_gather(
-        self, present: list[list[bool]], found_inf: torch.Tensor | None = None
+        self,
+        present: list[list[bool]],
+        on_device: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> None:
         """AdamW in place on every owned shard that has a gradient, and the all-gather of those
         buckets: run by run in forward order (``ParamGather``), each run's all-gathers launched
@@ -623,16 +616,28 @@ class ShardedAdamW(Optimizer):
         owned parts of the parameters that step; so is every bucket of a fused group (``_runs``).
         AdamW is elementwise and the bias corrections depend on the count alone, so either way the
         bits are those of ``torch.optim.AdamW``. Low-precision parameters are updated in their fp32
-        masters, then rounded into the shards. ``found_inf`` (a 0-d device tensor, fused only): 1.0
-        skips every update on the device, step counts included, as torch's fused AdamW does with
-        GradScaler's flag."""
+        masters, then rounded into the shards.
+
+        ``on_device`` (fused only, ``StepAgreement.on_device``): the agreed flags, never read
+        here. The skip flag goes to fused AdamW as ``found_inf`` (1.0 skips every update, step
+        counts included, as with GradScaler's flag); a parameter without a gradient here, but
+        perhaps on another rank, steps in a call of its own whose ``found_inf`` is set where no
+        rank had one. Fused runs are never uniform, so every fused call sees that flag."""
+        found_inf, absent = on_device or (None, None)
         if found_inf is not None:
             if self._skipped_on_device is None:
                 self._skipped_on_device = torch.zeros((), device=found_inf.device)
             self._skipped_on_device += found_inf
-            increment = 1.0 - found_inf  # for the step tensors fused AdamW does not see
         bp_of = dict(zip(self._buckets, present))
-        order = [b for b in self._gather.begin(self._object_device) if any(bp_of[b])]
+        absent_of, k = {}, 0
+        for b in self._buckets:  # each bucket's part of the agreed flags, in bucket order
+            absent_of[b] = None if absent is None else absent[k : k + len(b.params)]
+            k += len(b.params)
+        order = [
+            b
+            for b in self._gather.begin(self._object_device)
+            if any(bp_of[b]) or absent is not None  # another rank may have had a gradient
+        ]
         for b in order:
             b.sync_masters()
             if b.group["amsgrad"] and b.max_exp_avg_sq is None:
@@ -640,8 +645,7 @@ class ShardedAdamW(Optimizer):
         for group, run, uniform in self._runs(order, bp_of):
             with record_function("sharded_adamw.update"):
                 if uniform:
-                    others = [b.other_steps for b in run]
-                    torch._foreach_add_(others, 1 if found_inf is None else increment)
+                    torch._foreach_add_([b.other_steps for b in run], 1)
                     adamw_update(
                         [b.shard if b.master is None else b.master for b in run],
                         [b.grad for b in run],
@@ -650,12 +654,11 @@ class ShardedAdamW(Optimizer):
                         [b.max_exp_avg_sq for b in run] if group["amsgrad"] else [],
                         [b.first_step for b in run],
                         group,
-                        found_inf=found_inf,
                     )
                     for b in run:
                         b.advanced(b.present_all)
                 else:
-                    self._update_some(run[0], bp_of[run[0]], found_inf)
+                    self._update_some(run[0], bp_of[run[0]], found_inf, absent_of[run[0]])
                 masters = [b for b in run if b.master is not None]
                 if masters:
                     torch._foreach_copy_([b.shard for b in masters], [b.master for b in masters])
@@ -676,7 +679,7 @@ class ShardedAdamW(Optimizer):
             # fused AdamW's CPU kernel gives a tensor's tail (past its last full vector)
             # other bits than its body: it runs on each parameter's owned part, whose tail is
             # the parameter's own (owned parts start at multiples of the alignment)
-            uniform = b.uniform(present[b]) and not b.group["fused"]
+            uniform = not b.group["fused"] and b.uniform(present[b])
             size = b.layout.shard_numel * b.exp_avg.element_size()
             if run and ((id(b.group), uniform) != key or not uniform or used + size > limit):
                 yield run[0].group, run, key[1]
@@ -689,21 +692,34 @@ class ShardedAdamW(Optimizer):
 
     @staticmethod
     def _update_some(
-        b: ShardBucket, present: list[bool], found_inf: torch.Tensor | None = None
+        b: ShardBucket,
+        present: list[bool],
+        found_inf: torch.Tensor | None = None,
+        absent: torch.Tensor | None = None,
     ) -> None:
-        """AdamW on the owned parts of the parameters of ``b`` that step."""
+        """AdamW on the owned parts of the parameters of ``b`` that step: one call over those
+        present in ``present``; with ``absent`` (fused, agreed on the device), one call per
+        other parameter, skipped on the device where no rank had a gradient."""
+
+        def update(idx: list[int], skip: torch.Tensor | None) -> None:
+            cut = lambda t: [b.owned(t, i) for i in idx]  # noqa: E731
+            adamw_update(
+                cut(b.shard if b.master is None else b.master),
+                cut(b.grad),
+                cut(b.exp_avg),
+                cut(b.exp_avg_sq),
+                cut(b.max_exp_avg_sq) if b.group["amsgrad"] else [],
+                [b.steps[i] for i in idx],
+                b.group,
+                found_inf=skip,
+            )
+
         idx = [i for i, ok in enumerate(present) if ok]
-        cut = lambda t: [b.owned(t, i) for i in idx]  # noqa: E731
-        adamw_update(
-            cut(b.shard if b.master is None else b.master),
-            cut(b.grad),
-            cut(b.exp_avg),
-            cut(b.exp_avg_sq),
-            cut(b.max_exp_avg_sq) if b.group["amsgrad"] else [],
-            [b.steps[i] for i in idx],
-            b.group,
-            found_inf=found_inf,
-        )
+        if idx:
+            update(idx, found_inf)
+        if absent is not None:
+            for i in (i for i, ok in enumerate(present) if not ok):
+                update([i], torch.maximum(found_inf, absent[i]))
         b.advanced(present)
 
     def _after_step(self) -> None:
@@ -743,6 +759,14 @@ class ShardedAdamW(Optimizer):
         before the forward they should hide behind."""
         self._wait_pending()
         super().zero_grad(set_to_none=set_to_none)
+        if not set_to_none and self._absent_on_device is not None:
+            # fused, agreed on the device: which parameters stepped is read back here (a
+            # sync, in this rarely used form only)
+            absent, k = self._absent_on_device.tolist(), 0
+            for b in self._buckets:
+                b.stepped = [a == 0.0 for a in absent[k : k + len(b.params)]]
+                k += len(b.params)
+        self._absent_on_device = None
         for b in self._buckets:
             if set_to_none:
                 b.kept = [False] * len(b.params)

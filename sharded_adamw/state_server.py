@@ -175,8 +175,11 @@ class StateServer:
     ) -> None:
         ch = self._channel
         deadline = time.monotonic() + self.timeout
-        while (self.updates_started < want or self.loads < loads) and (time.monotonic() < deadline):
-            time.sleep(0.01)  # the caller's step or load finished first; ours is under way
+        while (
+            self.updates_started < want or self.loads < loads or len(buckets) < nbuckets
+        ) and time.monotonic() < deadline:
+            # the caller's step, load or add_param_group finished first; ours is under way
+            time.sleep(0.01)
         with self.lock:
             have = self.updates_started
             status = OK if have == want else AHEAD if have > want else BEHIND

@@ -135,12 +135,17 @@ class Program:
     ddp_first: bool  # attach: DDP built before the optimizer (else after: auto-attach)
     bucket_view: bool  # attach: DDP gradient_as_bucket_view
     foreach: bool | None
+    fused: bool  # torch's fused AdamW (on both sides); never with foreach=True
     bucket_cap_mb: float
     overlap_comm: bool
     overlap_param_gather: bool
     compile: str  # none | torch.compile | model.compile
     sched: str  # none | step | cosine | onecycle
     steps: list[StepSpec]
+
+    def impl(self) -> dict:
+        """The implementation keywords both optimizers get."""
+        return {"foreach": self.foreach, "fused": self.fused or None}
 
     def find_unused(self) -> bool:
         """DDP must be told: some block goes unused on some step or gets frozen mid-run."""
@@ -175,6 +180,8 @@ class Program:
         opts = [f"bucket_cap_mb={self.bucket_cap_mb:g}"]
         if self.foreach is not None:
             opts.append(f"foreach={self.foreach}")
+        if self.fused:
+            opts.append("fused=True")
         if not self.overlap_comm:
             opts.append("overlap_comm=False")
         if self.overlap_param_gather:
@@ -351,7 +358,8 @@ def generate(seed: int, world: int) -> Program:
         mode=mode,
         ddp_first=r() < 0.5,
         bucket_view=r() < 0.3,
-        foreach=rng.choice([None, True, False]),
+        foreach=(foreach := rng.choice([None, True, False])),
+        fused=foreach is not True and r() < 0.2,
         bucket_cap_mb=rng.choice([0.0005, 0.001, 0.003, 0.01, 25.0]),
         overlap_comm=r() < 0.7,
         overlap_param_gather=r() < 0.4,
@@ -504,12 +512,12 @@ class Side:
         if prog.bf16:
             self.master = {p: nn.Parameter(p.detach().float()) for p in self.model.parameters()}
             params_of = lambda u: [self.master[p] for p in self.model.unit_params(u)]  # noqa: E731
-            self.opt = torch.optim.AdamW(self._groups(params_of), foreach=prog.foreach)
+            self.opt = torch.optim.AdamW(self._groups(params_of), **prog.impl())
             self.kind = "torch"
             return
         if self.world > 1:
             self.ddp = self._ddp(self.model)
-        self.opt = torch.optim.AdamW(self._groups(self.model.unit_params), foreach=prog.foreach)
+        self.opt = torch.optim.AdamW(self._groups(self.model.unit_params), **prog.impl())
         self.kind = "torch"
 
     def _build_sharded(self, first: bool = False) -> None:
@@ -518,7 +526,7 @@ class Side:
         prog = self.prog
         make_opt = lambda: ShardedAdamW(  # noqa: E731
             self._groups(self.model.unit_params),
-            foreach=prog.foreach,
+            **prog.impl(),
             bucket_cap_mb=prog.bucket_cap_mb,
             overlap_comm=prog.overlap_comm,
             overlap_param_gather=prog.overlap_param_gather,
@@ -539,9 +547,7 @@ class Side:
 
     def _build_torch(self) -> None:
         self.ddp = self._ddp(self.model) if self.world > 1 else None
-        self.opt = torch.optim.AdamW(
-            self._groups(self.model.unit_params), foreach=self.prog.foreach
-        )
+        self.opt = torch.optim.AdamW(self._groups(self.model.unit_params), **self.prog.impl())
         self.kind = "torch"
 
     def _compile(self) -> None:
@@ -905,6 +911,7 @@ def _candidates(p: Program):
         ("overlap_comm", True),
         ("bucket_cap_mb", 25.0),
         ("foreach", None),
+        ("fused", False),
         ("mode", "standalone"),
         ("bucket_view", False),
         ("tied", False),

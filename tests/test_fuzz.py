@@ -85,6 +85,7 @@ def test_generator_draws_every_dimension():
         "to_sharded",
         "foreach:True",
         "foreach:False",
+        "fused",
         "no_overlap_comm",
         "overlap_param_gather",
         "torch.compile",
@@ -100,7 +101,7 @@ def test_generator_draws_every_dimension():
 
 def _features(p: fuzz.Program) -> set[str]:
     f = {f"W{p.world}", p.mode, f"sched:{p.sched}", f"foreach:{p.foreach}", p.compile}
-    f |= {k for k in ("ddp_first", "bucket_view", "tied", "bf16") if getattr(p, k)}
+    f |= {k for k in ("ddp_first", "bucket_view", "tied", "bf16", "fused") if getattr(p, k)}
     f |= {"no_overlap_comm"} if not p.overlap_comm else set()
     f |= {"overlap_param_gather"} if p.overlap_param_gather else set()
     f |= {"frozen0"} if p.frozen0 else set()
