@@ -72,8 +72,7 @@ class ParamGather:
         self._launched: list[ShardBucket] = []
         self._next = 0  # the first launched bucket not yet waited for
         self._index: dict[ShardBucket, int] = {}
-        self._hook = None
-        if overlap:
+        if overlap:  # one global hook; it removes itself once this object is gone
             ref = weakref.ref(self)
 
             def pre_forward(module, args):
@@ -90,7 +89,6 @@ class ParamGather:
                     me.before_forward(module)
 
             hook = torch.nn.modules.module.register_module_forward_pre_hook(pre_forward)
-            self._hook = hook
 
     def added(self) -> None:
         """Take in buckets added since (``add_param_group``); after the forward order is
@@ -100,13 +98,6 @@ class ParamGather:
             self.order += [b for b in reversed(self.buckets) if b not in self._index]
             self._index = {b: i for i, b in enumerate(self.order)}
         self._position = weakref.WeakKeyDictionary()  # recomputed with the new parameters
-
-    def close(self) -> None:
-        """Wait for what is in flight and remove the global hook."""
-        self.wait_all()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
     def begin(self, object_device: torch.device) -> list[ShardBucket]:
         """Start a step's all-gathers: wait for the last step's, fix the forward order (at the
