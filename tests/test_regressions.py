@@ -193,3 +193,12 @@ def test_channels_last_matches_ddp_at_two_ranks_attached_and_standalone():
             "standalone": True,
             "standalone layout kept": True,
         }
+
+
+def test_an_expanded_parameter_is_refused_by_name():
+    """Its elements share memory: an update of one would be an update of all."""
+    shared = nn.Parameter(torch.randn(3).expand(4, 3))
+    with pytest.raises(
+        ValueError, match=r"do not share memory: parameter #1 of group 0 .*\(0, 1\)"
+    ):
+        ShardedAdamW([nn.Parameter(torch.randn(2)), shared])
