@@ -37,7 +37,7 @@ from .clip import scale_by_norm, total_norm
 from .collectives import Comm, CommStats, Handle
 from .layout import align_elements, plan_buckets
 from .param_gather import ParamGather
-from .registry import check_late_process_group, optimizer_built
+from .registry import check_late_process_group, live_optimizers, optimizer_built
 from .state_server import StateServer, state_entries
 from .update import adamw_update
 
@@ -153,6 +153,7 @@ class ShardedAdamW(Optimizer):
         # device when their group was added (``_build_deferred``)
         self._deferred: list[tuple[int, torch.nn.Parameter]] = []
         self._meta_warned = False
+        self._superseded = False  # a newer ShardedAdamW took the parameters (``_hand_over``)
         self._hooks: list = []
         self._pending: list[Handle] = []
         self._ddp = None
@@ -318,6 +319,11 @@ class ShardedAdamW(Optimizer):
         return self._buckets[first:]
 
     def _build_buckets(self, gi: int, trainable: list[torch.nn.Parameter]) -> None:
+        for other in live_optimizers():
+            if other is not self:
+                taken = [p for p in trainable if p in other._slot]
+                if taken:
+                    other._hand_over(taken[0])
         group = self.param_groups[gi]
         comm = self._comm
         rdtype = lambda p: (
@@ -348,6 +354,25 @@ class ShardedAdamW(Optimizer):
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
             self._buckets.append(bucket)
         self._gather.added()
+
+    def _hand_over(self, p: torch.Tensor) -> None:
+        """A newer ``ShardedAdamW`` takes ``p`` (one of ours): stop reducing gradients (our
+        gradient hooks would take ``p.grad`` before its own) and refuse to step from now on,
+        as our buckets no longer hold the parameters. ``state_dict()`` keeps working, so the
+        usual rebuild-and-load (``new.load_state_dict(old.state_dict())``) works. Attached to
+        a DDP model, whose comm hook cannot be replaced, the newer optimizer is refused."""
+        if self._ddp is not None:
+            raise ValueError(
+                f"ShardedAdamW: {self._name(p)} is already optimized by a ShardedAdamW attached "
+                "to a DistributedDataParallel model, whose comm hook cannot be replaced; load "
+                "the new settings into that optimizer (load_state_dict, param_groups) instead"
+            )
+        self.sync_params()
+        self._wait_pending()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._superseded = True
 
     def _check_same_on_every_rank(self, gi: int, params: list, names: list) -> None:
         """Every rank must pass the same parameters, on its current CUDA device if on CUDA;
@@ -529,6 +554,11 @@ class ShardedAdamW(Optimizer):
         if not self._buckets:
             return loss
         check_late_process_group(self)
+        if self._superseded:
+            raise RuntimeError(
+                "ShardedAdamW: a ShardedAdamW built later over the same parameters has taken "
+                "them over (they live in its buckets now); step that one"
+            )
         self.sync_params()
         for b in self._buckets:
             if not b.adopted():  # given new storage (``model.double().float()``, ``p.data =``)

@@ -202,3 +202,92 @@ def test_an_expanded_parameter_is_refused_by_name():
         ValueError, match=r"do not share memory: parameter #1 of group 0 .*\(0, 1\)"
     ):
         ShardedAdamW([nn.Parameter(torch.randn(2)), shared])
+
+
+def test_a_load_gives_state_to_a_parameter_frozen_in_the_loading_optimizer():
+    """Fuzzer, W=1 seed 10: torch keeps the loaded state of a frozen parameter (and uses it
+    once the parameter is unfrozen); ShardedAdamW dropped it."""
+    (m, opt), (r, ref) = _pair(_two_linears(), lr=0.1)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    for net, o in ((m, opt), (r, ref)):
+        sum(net[k](x).pow(2).sum() for k in ("a", "b")).backward()
+        o.step()
+        o.zero_grad()
+    m["b"].requires_grad_(False)
+    r["b"].requires_grad_(False)
+    opt2 = ShardedAdamW(m.parameters(), lr=0.1)
+    opt2.load_state_dict(opt.state_dict())
+    ref2 = torch.optim.AdamW(r.parameters(), lr=0.1)
+    ref2.load_state_dict(ref.state_dict())
+    for step in range(3):
+        if step == 1:
+            m["b"].requires_grad_(True)
+            r["b"].requires_grad_(True)
+        for net, o in ((m, opt2), (r, ref2)):
+            sum(net[k](x).pow(2).sum() for k in ("a", "b")).backward()
+            o.step()
+            o.zero_grad()
+    _assert_same(m, opt2, r, ref2)
+
+
+class _Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(7, 7) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor, skip: int | None = None) -> torch.Tensor:
+        for j, lin in enumerate(self.layers):
+            if j != skip:
+                x = lin(x)
+        return x
+
+
+def _unused_on_one_rank(rank: int, world: int) -> bool:
+    """Fuzzer, W=3 seed 2: with overlap_param_gather each rank learnt the all-gather order
+    from its own first forward, so a module unused on one rank reordered that rank's
+    all-gathers (gloo aborted: "292 vs 12 bytes")."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    ours = _Chain()
+    ref = copy.deepcopy(ours)
+    opt = ShardedAdamW(ours.parameters(), lr=0.1, bucket_cap_mb=0.0001, overlap_param_gather=True)
+    ref_net = DDP(ref, find_unused_parameters=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    for step in range(3):
+        x = torch.randn(2, 7, generator=torch.Generator().manual_seed(10 * step + rank))
+        skip = 1 if step == 0 and rank == world - 1 else None  # unused on one rank
+        for net, o in ((ours, opt), (ref_net, ref_opt)):
+            net(x, skip).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    opt.sync_params()
+    return all(torch.equal(p, q) for p, q in zip(ours.parameters(), ref.parameters()))
+
+
+def test_overlap_param_gather_agrees_on_the_gather_order_when_a_module_is_unused_on_one_rank():
+    from . import distributed
+
+    assert distributed.run(_unused_on_one_rank, 2) == [True, True]
+
+
+def test_a_second_optimizer_over_the_same_parameters_takes_them_over():
+    """The first optimizer's gradient hooks took ``p.grad`` before the second's: the second
+    stepped on zero gradients, silently. Now the second takes over and the first refuses to
+    step; its ``state_dict()`` still serves a rebuild-and-load."""
+    (m, first), (r, ref) = _pair(_two_linears(), lr=0.1)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    for net, o in ((m, first), (r, ref)):
+        net["a"](x).sum().backward()
+        o.step()
+        o.zero_grad()
+    second = ShardedAdamW(m.parameters(), lr=0.1)
+    second.load_state_dict(first.state_dict())
+    for _ in range(2):
+        for net, o in ((m, second), (r, ref)):
+            sum(net[k](x).pow(2).sum() for k in ("a", "b")).backward()
+            o.step()
+            o.zero_grad()
+    _assert_same(m, second, r, ref)
+    with pytest.raises(RuntimeError, match="taken them over"):
+        first.step()
