@@ -62,11 +62,14 @@ def _partial_overlap_warns(rank: int) -> list[str]:
 
 
 def _late_process_group(rank: int, W: int) -> str:
-    """Tear the group down, build the optimizer with no group, bring a group back."""
+    """Tear the group down, build the optimizer with no group, bring a group back (on a
+    port rank 0 found free, not the old one plus one, which another job may hold)."""
+    port = [distributed.free_port() if rank == 0 else None]
+    dist.broadcast_object_list(port, src=0)
     dist.destroy_process_group()
     model = nn.Linear(3, 3)
     opt = ShardedAdamW(model.parameters())
-    os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1)
+    os.environ["MASTER_PORT"] = str(port[0])
     dist.init_process_group("gloo", rank=rank, world_size=W)
     model(torch.ones(1, 3)).sum().backward()
     try:
