@@ -182,15 +182,16 @@ def _train(
     return seen
 
 
-def _overlap_matches(rank: int, world: int) -> dict:
+def _overlap_matches(rank: int, world: int, compiled_only: bool = False) -> dict:
     out = {}
-    cases = [
-        (n, make, mode, None)
-        for n, make in (("tinylm", TinyLM), ("shuffled", Shuffled))
-        for mode in ("standalone", "attach")
-    ]
-    if world == 2:  # compiling is slow on CPU: one world size
-        cases += [("shuffled", Shuffled, "standalone", c) for c in ("in place", "wrapper")]
+    if compiled_only:  # compiling is slow on CPU: its own spawn, at one world size
+        cases = [("shuffled", Shuffled, "standalone", c) for c in ("in place", "wrapper")]
+    else:
+        cases = [
+            (n, make, mode, None)
+            for n, make in (("tinylm", TinyLM), ("shuffled", Shuffled))
+            for mode in ("standalone", "attach")
+        ]
     for name, make, mode, compiled in cases:
         on = _train(rank, make, mode, overlap=True, compiled=compiled)
         off = _train(rank, make, mode, overlap=False, compiled=compiled)
@@ -261,14 +262,16 @@ def test_overlap_param_gather_is_bitwise_equal_to_the_step_that_waits(runs):
                 assert r[f"{name} {mode}: final equal"], (name, mode)
 
 
-def test_overlap_param_gather_waits_in_compiled_forwards(runs):
+@pytest.fixture(scope="module")
+def compiled_runs():
+    return distributed.run(_overlap_matches, 2, True)
+
+
+def test_overlap_param_gather_waits_in_compiled_forwards(compiled_runs):
     """``model.compile()`` runs forward hooks inside the graph, where a traced wait never
-    waits: the compiled forward must still read whole parameters (found by the fuzzer's
-    issue: 0.11 away after 12 steps at W=2)."""
-    world, _, overlap = runs
-    if world != 2:
-        pytest.skip("compiled cases run at W=2 only (compiling is slow on CPU)")
-    for r in overlap:
+    waits: the compiled forward must still read whole parameters (the equivalence issue: 0.11
+    away after 12 steps at W=2). Both ways of compiling, at W=2."""
+    for r in compiled_runs:
         for compiled in ("in place", "wrapper"):
             key = f"shuffled standalone compiled {compiled}"
             assert all(r[f"{key}: in flight after step"]), key
