@@ -6,10 +6,10 @@ Run (glibc must hand freed memory back to the kernel, or the CPU peak over-count
     MALLOC_MMAP_THRESHOLD_=131072 torchrun --standalone --nproc_per_node 4 examples/memory_table.py
 
 Each setup trains 3 steps alone; its peak is the largest rank's, measured by the system
-(``sharded_adamw.peak``: the process's resident high-water mark on CPU,
+(``sharded_adamw.tools.peak``: the process's resident high-water mark on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) above the bare model, in bytes per parameter,
 next to what ``sharded-adamw estimate``'s peak model predicts for it. The same table is
-``sharded-adamw bench --peak-memory``.
+``python -m benchmarks --peak-memory``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from sharded_adamw.bench import peak_markdown, peak_table
-from sharded_adamw.estimate import estimate_peak
-from sharded_adamw.peak import PeakMemory
+from benchmarks import peak_markdown, peak_table
+from sharded_adamw.tools.estimate import estimate_peak
+from sharded_adamw.tools.peak import PeakMemory
 
 SETUP = {  # bench contender -> estimate_peak row
     "DDP + AdamW": "ddp",

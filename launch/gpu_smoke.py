@@ -140,7 +140,7 @@ def check_compiled_overlap(device) -> str:
 
 
 def check_bandwidth(device, bandwidth: float | None) -> str:
-    from sharded_adamw.bench.bandwidth import update_bandwidth
+    from benchmarks.bandwidth import update_bandwidth
 
     n = 2**26 if device.type == "cuda" else 2**22
     return "\n" + update_bandwidth(n, device, repeats=10, peak_gbps=bandwidth)

@@ -1,11 +1,11 @@
 """sharded-adamw: AdamW with its state and gradients sharded across data-parallel ranks."""
 
-from .accelerate_support import install_when_imported
-from .amp import ShardedGradScaler
-from .clip import install as _install_clip_routes
-from .ddp import watch_ddp
-from .layout import BucketLayout, ParamSlot, owned_range, plan_buckets, shard_size
-from .optimizer import ShardedAdamW
+from .core.layout import BucketLayout, ParamSlot, owned_range, plan_buckets, shard_size
+from .core.optimizer import ShardedAdamW
+from .integrations.accelerate import install_when_imported
+from .integrations.amp import ShardedGradScaler
+from .integrations.clip import install as _install_clip_routes
+from .integrations.ddp import watch_ddp
 
 __all__ = [
     "BucketLayout",
@@ -29,7 +29,7 @@ def __getattr__(name: str):
     """The checkpoint functions load on first use: torch.distributed.checkpoint takes ~1 s to
     import, which every other use of the package (the CLI, a single-process run) is spared."""
     if name in _CHECKPOINT:
-        from . import checkpoint
+        from .checkpointing import checkpoint
 
         return getattr(checkpoint, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

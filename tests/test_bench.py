@@ -1,4 +1,4 @@
-"""``sharded-adamw bench``: the side-by-side run under torchrun, the table and its ratios, the
+"""``python -m benchmarks``: the side-by-side run under torchrun, the table and its ratios, the
 byte counting rules, the update-bandwidth mode and the entry points (``python -m``, the CLI).
 The copy-byte mode has its own tests (``test_copy_bytes.py``)."""
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sharded_adamw import bench, cli
-from sharded_adamw.bench import (
+import benchmarks as bench
+from benchmarks import (
     CONTENDERS,
     Result,
     collective_bytes,
@@ -44,7 +44,7 @@ def test_quick_run_under_torchrun_reports_every_contender_with_ratios_and_writes
 ):
     png = tmp_path / "bench.png"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "sharded_adamw.cli", "bench", "--quick", "--many-small", "--out", str(png)]
+    cmd += ["-m", "benchmarks", "--quick", "--many-small", "--out", str(png)]
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,11 +79,11 @@ def _profile_tables(out: str) -> dict[tuple[str, str], dict[str, list[str]]]:
 
 def test_profile_mode_under_torchrun_prints_a_table_per_contender_with_ranges_and_copy_ops():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "sharded_adamw.cli", "bench", "--profile", "--quick", "--many-small"]
+    cmd += ["-m", "benchmarks", "--profile", "--quick", "--many-small"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "bench --profile: world size 2" in proc.stdout
+    assert "benchmarks --profile: world size 2" in proc.stdout
     tables = _profile_tables(proc.stdout)
     names = ["DDP + AdamW", "ShardedAdamW (standalone)", "ShardedAdamW (attach)"]
     assert list(tables) == [(size, n) for size in ("tiny", "many-small") for n in names]
@@ -114,13 +114,16 @@ def test_profile_mode_under_torchrun_prints_a_table_per_contender_with_ranges_an
 
 
 def test_profile_table_takes_each_row_from_the_largest_rank_per_step():
-    from sharded_adamw.bench.profile import Profile, profile_markdown
+    from benchmarks.profile import Profile, profile_markdown
 
     a = Profile("X", steps=2, wall=[0.010, 0.030], wall_profiled=[0.02, 0.02])
     a.ranges = {"sharded_adamw.update": (4000.0, 2, 0.0), "bench.step": (9000.0, 2, 0.0)}
     a.ops = {"aten::copy_": (1000.0, 8, 0.0)}
     b = Profile("X", steps=2, wall=[0.020, 0.020], wall_profiled=[0.01, 0.01])
-    b.ranges = {"sharded_adamw.update": (6000.0, 2, 0.0), "sharded_adamw.new_range": (2.0, 4, 0.0)}
+    b.ranges = {
+        "sharded_adamw.update": (6000.0, 2, 0.0),
+        "sharded_adamw.new_range": (2.0, 4, 0.0),
+    }
     b.ops = {"aten::copy_": (500.0, 10, 0.0), "aten::cat": (800.0, 2, 0.0)}
     rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in profile_markdown([a, b]).splitlines()}
     assert "| 25.00 | 1 |" in rows["wall (no profiler)"]  # (20 + 30) / 2
@@ -330,18 +333,11 @@ def test_bench_arguments_quick_sizes_and_only():
             bench.parse_args(bad)
 
 
-def test_python_m_sharded_adamw_bench_runs_the_same_command_line():
-    cmd = [sys.executable, "-m", "sharded_adamw.bench", "--help"]
+def test_python_m_benchmarks_prints_its_command_line():
+    cmd = [sys.executable, "-m", "benchmarks", "--help"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--copy-bytes" in proc.stdout and "--peak-memory" in proc.stdout
-
-
-def test_cli_forwards_bench_arguments_unparsed_and_still_rejects_unknown_ones_elsewhere():
-    args = cli.parse_args(["bench", "--quick", "--out", "x.png"])
-    assert args.command == "bench" and args.bench_argv == ["--quick", "--out", "x.png"]
-    with pytest.raises(SystemExit):
-        cli.parse_args(["report", "--quick"])
 
 
 def test_many_small_model_gives_every_small_tensor_a_gradient():

@@ -42,9 +42,9 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import sharded_adamw.checkpoint
+import sharded_adamw.checkpointing.checkpoint
 from sharded_adamw import ShardedAdamW
-from sharded_adamw.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sharded_adamw.checkpointing.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 from . import distributed
 from .models import TinyLM, batch, loss_fn, param_groups, schedule
@@ -415,7 +415,7 @@ def _killed_save(rank: int, world: int, tmp: str) -> None:
     if rank == 0:
         torch.save({"model": model.state_dict(), "opt": full}, Path(tmp) / "expected.pt")
     _train(model, opt, range(K, STEPS), rank)
-    sharded_adamw.checkpoint.FileSystemWriter = _DieMidWrite
+    sharded_adamw.checkpointing.checkpoint.FileSystemWriter = _DieMidWrite
     save_checkpoint(path, model, opt, extra={"step": STEPS})
 
 
@@ -468,7 +468,7 @@ def test_a_save_that_died_between_its_two_renames_is_found_and_restored(tmp_path
     model, opt = _make(0, None)
     save_checkpoint(tmp_path / "ckpt", model, opt, extra={"n": 1})
     os.rename(tmp_path / "ckpt", tmp_path / ".ckpt.old")
-    assert sharded_adamw.checkpoint.checkpoint_exists(tmp_path / "ckpt")
+    assert sharded_adamw.checkpointing.checkpoint.checkpoint_exists(tmp_path / "ckpt")
     assert load_checkpoint(tmp_path / "ckpt", model, opt) == {"n": 1}
     save_checkpoint(tmp_path / "ckpt", model, opt, extra={"n": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

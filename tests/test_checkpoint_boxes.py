@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sharded_adamw.boxes import flat_range_boxes
-from sharded_adamw.layout import plan_buckets
+from sharded_adamw.checkpointing.boxes import flat_range_boxes
+from sharded_adamw.core.layout import plan_buckets
 
 SHAPES = [(7,), (3, 5), (2, 3, 4), (4, 1, 3), (1, 1, 5), (2, 3, 4, 5), (5, 0, 2)]
 

@@ -44,8 +44,13 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sharded_adamw import ShardedAdamW
-from sharded_adamw.boxes import flat_range_boxes
-from sharded_adamw.checkpoint import CheckpointError, _no_dist, load_checkpoint, save_checkpoint
+from sharded_adamw.checkpointing.boxes import flat_range_boxes
+from sharded_adamw.checkpointing.checkpoint import (
+    CheckpointError,
+    _no_dist,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 from . import distributed
 from .models import VOCAB, TinyLM, loss_fn, param_groups

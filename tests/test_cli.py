@@ -12,8 +12,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sharded_adamw import ShardedAdamW
-from sharded_adamw.cli import SmallModel, main, report
-from sharded_adamw.estimate import (
+from sharded_adamw.tools.cli import SmallModel, main, report
+from sharded_adamw.tools.estimate import (
     comm_model,
     counted_comm_bytes,
     estimate_memory,
@@ -28,9 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """``python -m sharded_adamw.cli *args`` in the repository root."""
+    """``python -m sharded_adamw.tools.cli *args`` in the repository root."""
     return subprocess.run(
-        [sys.executable, "-m", "sharded_adamw.cli", *args],
+        [sys.executable, "-m", "sharded_adamw.tools.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -376,7 +376,7 @@ def torchrun_verify(nproc: int, steps: int, *extra: str) -> subprocess.Completed
             "--nproc_per_node",
             str(nproc),
             "-m",
-            "sharded_adamw.cli",
+            "sharded_adamw.tools.cli",
             "verify",
             "--steps",
             str(steps),

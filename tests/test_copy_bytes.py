@@ -1,4 +1,4 @@
-"""``sharded-adamw bench --copy-bytes``: the counter of data-movement bytes, the exclusion of the
+"""``python -m benchmarks --copy-bytes``: the counter of data-movement bytes, the exclusion of the
 AdamW update, and the figures of one step at W = 2 (standalone fp32, attached fp32, bf16).
 
 fp32 standalone is held to issue 14's target, ``8W + 8`` extra bytes per shard element (the copy-in
@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharded_adamw import update
-from sharded_adamw.bench import SIZES
-from sharded_adamw.bench.copies import copy_table, update_excluded
-from sharded_adamw.bench.counters import CopyCounter
-from sharded_adamw.bench.report import copy_markdown
+from benchmarks import SIZES
+from benchmarks.copies import copy_table, update_excluded
+from benchmarks.counters import CopyCounter
+from benchmarks.report import copy_markdown
+from sharded_adamw.core import update
 
 from . import distributed
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from sharded_adamw import ShardedAdamW
-from sharded_adamw import optimizer as optimizer_module
-from sharded_adamw.update import adamw_update
+from sharded_adamw.core import optimizer as optimizer_module
+from sharded_adamw.core.update import adamw_update
 
 from . import distributed
 from .models import TinyLM, batch, compare, loss_fn, param_groups, schedule, train_pair

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sharded_adamw import ShardedAdamW
-from sharded_adamw import optimizer as optimizer_module
+from sharded_adamw.core import optimizer as optimizer_module
 
 from . import distributed
 

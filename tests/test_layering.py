@@ -1,6 +1,7 @@
 """The package's import graph, read from the source with ``ast``: no module imports in a circle,
-and the core (layout, update, collectives, optimizer) never imports an integration, the command
-line or the benchmark.
+the core (``sharded_adamw/core``) imports only the core, checkpointing only the core, the
+integrations only the core, and nothing in the package imports the benchmark (``benchmarks/``,
+outside the installed package).
 
 Only imports that run when a module is imported count: those at module level and in class
 bodies. Imports inside functions (``ShardedAdamW.attach`` loads ``ddp`` when called) and under
@@ -16,16 +17,24 @@ from pathlib import Path
 import sharded_adamw
 
 PACKAGE = Path(sharded_adamw.__file__).parent
-CORE = ["layout", "update", "collectives", "optimizer"]
-EDGE = ["ddp", "accelerate_support", "lightning", "checkpoint", "cli", "bench"]
+# what each folder of the package may import at import time (besides itself)
+ALLOWED = {
+    "core": {"core"},
+    "checkpointing": {"core", "checkpointing"},
+    "integrations": {"core", "integrations"},
+    "tools": {"core", "checkpointing", "integrations", "tools"},
+}
 
 
-def module_name(path: Path) -> str:
-    parts = ["sharded_adamw", *path.relative_to(PACKAGE).with_suffix("").parts]
+def module_name(path: Path, root: Path = PACKAGE, top: str = "sharded_adamw") -> str:
+    parts = [top, *path.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+BENCH = PACKAGE.parent / "benchmarks"
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))} | {
+    module_name(p, BENCH, "benchmarks"): p for p in sorted(BENCH.rglob("*.py"))
+}
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -87,16 +96,20 @@ def reachable(start: str) -> set[str]:
     return seen
 
 
-def test_the_graph_is_read_from_every_module_of_the_package_and_its_subpackages():
-    assert {"sharded_adamw.optimizer", "sharded_adamw.ddp", "sharded_adamw.bench"} <= set(GRAPH)
-    assert {"sharded_adamw.registry", "sharded_adamw.collectives"} <= GRAPH["sharded_adamw.ddp"]
-    assert "sharded_adamw.optimizer" in GRAPH["sharded_adamw.bench.contenders"]
+def folder(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if parts[0] == "sharded_adamw" and len(parts) > 2 else None
+
+
+def test_the_graph_is_read_from_every_module_of_the_package_and_the_benchmark():
+    assert {"sharded_adamw.core.optimizer", "sharded_adamw.integrations.ddp"} <= set(GRAPH)
+    assert "sharded_adamw.core.collectives" in GRAPH["sharded_adamw.integrations.ddp"]
+    assert "sharded_adamw.core.optimizer" in GRAPH["benchmarks.contenders"]
 
 
 def test_type_checking_blocks_and_function_level_imports_do_not_count():
     # optimizer.attach imports ddp inside the method; ddp needs ShardedAdamW for hints only
-    assert "sharded_adamw.ddp" not in GRAPH["sharded_adamw.optimizer"]
-    assert "sharded_adamw.optimizer" not in GRAPH["sharded_adamw.ddp"]
+    assert "sharded_adamw.integrations.ddp" not in GRAPH["sharded_adamw.core.optimizer"]
 
 
 def test_no_module_imports_in_a_circle():
@@ -108,12 +121,25 @@ def test_no_module_imports_in_a_circle():
     assert not circles, circles
 
 
-def test_the_core_never_imports_an_integration_the_cli_or_the_bench():
-    for core in CORE:
-        name = f"sharded_adamw.{core}"
-        edge = {
-            m
-            for m in reachable(name)
-            if any(m == f"sharded_adamw.{e}" or m.startswith(f"sharded_adamw.{e}.") for e in EDGE)
-        }
-        assert not edge, (name, sorted(edge))
+def test_each_folder_imports_only_what_it_builds_on():
+    wrong = {
+        (name, m)
+        for name in GRAPH
+        if folder(name) in ALLOWED
+        for m in GRAPH[name]
+        if m.startswith("benchmarks")
+        or (folder(m) is not None and folder(m) not in ALLOWED[folder(name)])
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_every_module_of_the_package_lives_in_a_folder():
+    loose = [
+        n
+        for n in MODULES
+        if n.startswith("sharded_adamw.")
+        and folder(n) is None
+        and n.count(".") == 1
+        and n.split(".")[1] not in ALLOWED
+    ]
+    assert loose == [], loose

@@ -92,7 +92,7 @@ def test_aligned_layout_starts_every_parameter_and_shard_on_the_alignment(sizes,
 
 
 def test_alignment_follows_the_device_and_dtype():
-    from sharded_adamw.layout import align_elements
+    from sharded_adamw.core.layout import align_elements
 
     assert align_elements("cpu", 4) == 16  # 64 bytes, torch's CPU allocator alignment
     assert align_elements("cpu", 2) == 32

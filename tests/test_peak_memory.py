@@ -3,7 +3,7 @@
 Each setup trains 3 steps of a 50.4M-parameter fp32 MLP (12 x Linear(2048, 2048)) at W = 4 over
 gloo, alone, with the default bucket size; the peak is the process's resident high-water mark
 (VmHWM, reset before the steps) above its resident size with the bare model, with glibc's mmap
-threshold fixed so that freed memory leaves the resident set (``sharded_adamw.peak``). The
+threshold fixed so that freed memory leaves the resident set (``sharded_adamw.tools.peak``). The
 targets are issue 11's, in bytes per parameter (largest rank), W = 4:
 
 - standalone (ZeRO-2) <= 12/W + 2 = 5.0;
@@ -24,8 +24,8 @@ import os
 import pytest
 import torch
 
-from sharded_adamw.estimate import estimate_peak
-from sharded_adamw.peak import MMAP_ENV, MMAP_THRESHOLD
+from sharded_adamw.tools.estimate import estimate_peak
+from sharded_adamw.tools.peak import MMAP_ENV, MMAP_THRESHOLD
 
 from . import distributed
 
@@ -42,7 +42,7 @@ ROWS = [
 
 
 def _peaks(rank: int, world: int) -> dict:
-    from sharded_adamw.bench import measure_peak, mlp
+    from benchmarks import measure_peak, mlp
 
     g = torch.Generator().manual_seed(rank)
     cpu = torch.device("cpu")
@@ -91,7 +91,7 @@ def test_bf16_standalone_with_fp32_masters_peak_is_at_most_16_over_w_plus_2(peak
 
 
 def test_peak_memory_refuses_to_measure_cpu_without_the_mmap_threshold(monkeypatch):
-    from sharded_adamw.peak import PeakMemory
+    from sharded_adamw.tools.peak import PeakMemory
 
     monkeypatch.delenv(MMAP_ENV, raising=False)
     with pytest.raises(RuntimeError, match=MMAP_ENV):

@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from sharded_adamw import ShardedAdamW
-from sharded_adamw.lightning import ShardedDDPStrategy
+from sharded_adamw.integrations.lightning import ShardedDDPStrategy
 from tests.clients.report import exit_cleanly, write_result
 
 VOCAB, SEQ = 48, 8

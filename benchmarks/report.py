@@ -148,7 +148,7 @@ def plot(tables: dict[str, list[Result]], path: str) -> None:
         ax.legend(fontsize="small")
     axes[1].set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize="small")
     world = dist.get_world_size() if dist.is_initialized() else 1
-    fig.suptitle(f"sharded-adamw bench, world size {world}")
+    fig.suptitle(f"python -m benchmarks, world size {world}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -204,7 +204,7 @@ COPY_NOTE = """
 
 Per step and per element of the local shard (the elements the AdamW update touches), the rank \
 with the most. Extra: bytes read plus bytes written by the data-movement kernels of the step \
-(``sharded_adamw.bench.counters.DATA_MOVEMENT_OPS``), those of the bare model's forward and \
+(``benchmarks.counters.DATA_MOVEMENT_OPS``), those of the bare model's forward and \
 backward subtracted; ops under 0.05 B/element are counted but not listed. AdamW's own: its \
 reads of param, grad and both moments and its writes of three. Kernels that a backend runs on \
 its own threads (inside gloo) are not seen."""

@@ -33,7 +33,7 @@ from torch.optim.optimizer import _to_scalar
 
 from .agreement import StepAgreement, check_finite, presence
 from .bucket import LOW_PRECISION, BufferPool, ShardBucket, as_real, real_dtype
-from .clip import scale_by_norm, total_norm
+from .clipping import scale_by_norm, total_norm
 from .collectives import Comm, CommStats, Handle
 from .layout import align_elements, plan_buckets
 from .param_gather import ParamGather
@@ -411,7 +411,7 @@ class ShardedAdamW(Optimizer):
     def attach(self, model: torch.nn.Module) -> None:
         """Make ``model`` (a ``DistributedDataParallel``) reduce-scatter gradients into this
         optimizer's shards during backward, instead of all-reducing them."""
-        from .ddp import attach
+        from ..integrations.ddp import attach
 
         attach(self, model)
 

@@ -4,11 +4,12 @@
 - ``verify``: trains a small model with DDP + ShardedAdamW and with DDP + torch.optim.AdamW
   from the same weights on the same data, and compares them parameter by parameter.
 - ``report``: trains a small model a few steps and prints ``report(opt)``.
-- ``bench``: the side-by-side benchmark against DDP and the ZeRO-style peers; its arguments
-  go to ``bench.main`` unparsed (``sharded-adamw bench --help`` lists them).
+
+The side-by-side benchmark against DDP and the ZeRO-style peers is not part of the installed
+package: it runs from a checkout, ``python -m benchmarks --help``.
 
 ``verify`` and ``report`` run under torchrun (``torchrun --nproc_per_node K -m
-sharded_adamw.cli verify``) or as one process; they join torchrun's process group, or make
+sharded_adamw.tools.cli verify``) or as one process; they join torchrun's process group, or make
 a one-process group, with NCCL when CUDA is available and gloo otherwise. Only rank 0 prints.
 """
 
@@ -27,8 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..core.optimizer import ShardedAdamW
 from .estimate import DTYPE_BYTES, format_bytes, markdown_table, render_estimate
-from .optimizer import ShardedAdamW
 
 SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 VOCAB = 37
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "divides by 2..12 ranks, so padding is exercised) with DDP + ShardedAdamW (attached) "
         "and with DDP + torch.optim.AdamW from the same weights on the same data, then print "
         "each parameter's max abs and relative difference and whether it is bitwise equal. "
-        "Run it under torchrun (torchrun --nproc_per_node K -m sharded_adamw.cli verify) or "
+        "Run it under torchrun (torchrun --nproc_per_node K -m sharded_adamw.tools.cli verify) or "
         "as one process. Up to 2 ranks every parameter must be bitwise equal; from 3 ranks "
         "DDP's all-reduce and the reduce-scatter add the ranks' gradients in different "
         "orders, so a parameter may instead be within 1e-5 relative (max abs difference over "
@@ -217,26 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="hybrid sharding over a (replicas, world size / replicas) mesh; must divide "
         "the world size (default: %(default)s)",
     )
-    sub.add_parser(
-        "bench",
-        add_help=False,  # --help reaches bench's own parser
-        help="train the same model with DDP, ZeRO peers and ShardedAdamW side by side",
-        description="See sharded-adamw bench --help.",
-    )
     for sp in sub.choices.values():
         sp.set_defaults(subparser=sp)  # for errors found after parsing
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and cross-check the arguments; errors exit with status 2 naming the argument.
-    ``bench``'s arguments are left unparsed in ``args.bench_argv``."""
+    """Parse and cross-check the arguments; errors exit with status 2 naming the argument."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        args.bench_argv = rest
-    elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     if args.command == "estimate":
         if args.world_size % args.replicas:
             args.subparser.error(
@@ -475,11 +465,6 @@ def main(argv: list[str] | None = None) -> int:
                 reduce_dtype=args.reduce_dtype,
             )
         )
-        return 0
-    if args.command == "bench":
-        from .bench import main as bench_main  # the benchmark's modules load only for it
-
-        bench_main(args.bench_argv)
         return 0
     created, device = init_distributed()
     try:

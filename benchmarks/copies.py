@@ -7,10 +7,10 @@ adds up the bytes that copy, cat, scale and fill kernels read and write
 no optimizer and no DDP, is counted the same way and subtracted: what is left is what the
 optimizer (and, attached, DDP's reducer) adds. The AdamW update itself runs torch's AdamW, whose
 internal ops are AdamW's own traffic, not extra copies: ``update_excluded`` wraps the one
-function every update goes through, ``sharded_adamw.update.adamw_update``, where the library's
+function every update goes through, ``sharded_adamw.core.update.adamw_update``, where the library's
 modules call it, pauses the counter inside, and counts AdamW's own bytes from the tensors it is
 handed (reads of param, grad and both moments, writes of three: 28 bytes per fp32 element).
-Wrapping the function, not the profiler region ``sharded_adamw.update``, is deliberate: that
+Wrapping the function, not the profiler region ``sharded_adamw.core.update``, is deliberate: that
 region also holds copies that are the optimizer's own (the cat of owned rows into the shard,
 the cast of fp32 masters into the all-gather buffer) and must count.
 
@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .. import update
+from sharded_adamw.core import update
+
 from .contenders import CONTENDERS, Trainer
 from .counters import CopyCounter
 

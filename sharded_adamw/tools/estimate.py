@@ -87,7 +87,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .layout import align_elements, plan_buckets
+from ..core.layout import align_elements, plan_buckets
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 LOW_PRECISION = ("bf16", "fp16")  # kept with fp32 master weights and fp32 state

@@ -1,5 +1,5 @@
 """The peak-memory table: each contender alone on the square MLP, its peak per rank measured
-by the system (``sharded_adamw.peak``) above the bare model, in bytes per parameter."""
+by the system (``sharded_adamw.tools.peak``) above the bare model, in bytes per parameter."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..peak import PeakMemory
+from sharded_adamw.tools.peak import PeakMemory
+
 from .contenders import CONTENDERS
 from .models import mlp
 from .run import agree, skip_reason

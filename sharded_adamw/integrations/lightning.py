@@ -32,8 +32,8 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
+from ..core.optimizer import ShardedAdamW
 from .amp import ShardedGradScaler
-from .optimizer import ShardedAdamW
 
 __all__ = ["ShardedDDPStrategy"]
 

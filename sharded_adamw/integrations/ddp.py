@@ -32,15 +32,15 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 
-from . import registry
-from .bucket import as_real, is_dense
-from .collectives import completed_future, deliver
+from ..core import registry
+from ..core.bucket import as_real, is_dense
+from ..core.collectives import completed_future, deliver
 
 # The optimizer calls into this module (``attach``); here its class is only a type hint, quoted
 # because DDP reads the comm hook's annotations at runtime (no ``from __future__ import
 # annotations`` in this module).
 if TYPE_CHECKING:
-    from .optimizer import ShardedAdamW
+    from ..core.optimizer import ShardedAdamW
 
 logger = logging.getLogger("sharded_adamw")
 _models: weakref.WeakSet = weakref.WeakSet()

@@ -10,8 +10,9 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from ..optimizer import ShardedAdamW
-from ..update import adamw_update
+from sharded_adamw.core.optimizer import ShardedAdamW
+from sharded_adamw.core.update import adamw_update
+
 from .counters import ADAMW_BYTES_PER_ELEMENT
 
 

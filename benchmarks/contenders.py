@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..optimizer import ShardedAdamW
+from sharded_adamw.core.optimizer import ShardedAdamW
+
 from .counters import tensors_in
 
 LR = 3e-4

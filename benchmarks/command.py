@@ -1,4 +1,4 @@
-"""The command line of ``sharded-adamw bench`` / ``python -m sharded_adamw.bench``: parse the
+"""The command line of ``python -m benchmarks`` / ``python -m benchmarks``: parse the
 flags, join the process group, run the chosen mode and print its report on rank 0."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import re
 import torch
 import torch.distributed as dist
 
-from ..peak import PeakMemory
+from sharded_adamw.tools.peak import PeakMemory
+
 from .bandwidth import update_bandwidth
 from .contenders import CONTENDERS, LR
 from .copies import copy_table
@@ -30,7 +31,7 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="sharded-adamw bench",
+        prog="python -m benchmarks",
         description="Train the same GPT-style model with DDP + AdamW, ZeroRedundancyOptimizer, "
         "DeepSpeed ZeRO-1/2, FSDP2 and ShardedAdamW, side by side, and print step time, "
         "memory and communication with ratios to DDP, plus a bar chart. Run it under "
@@ -157,7 +158,7 @@ def _profile(sizes: dict[str, Size], args: argparse.Namespace, device: torch.dev
     """``--profile``: a table per size and contender, printed on rank 0."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
-        print(f"\nsharded-adamw bench --profile: world size {world}, {environment(device)}")
+        print(f"\npython -m benchmarks --profile: world size {world}, {environment(device)}")
         batch = f"batch {args.batch_size} x {args.seq_len} tokens per rank"
         print(f"{args.steps} steps without and {args.steps} under the profiler, after "
               f"{args.warmup} warm-up, {batch}\n")  # fmt: skip
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Result]]:
         width, layers = (256, 4) if args.quick else (2048, 12)
         rows = peak_table(width, layers, args.batch_size, 3, device)
         if rank == 0:
-            print(f"\nsharded-adamw bench --peak-memory: world size {world}, "
+            print(f"\npython -m benchmarks --peak-memory: world size {world}, "
                   f"{environment(device)}\n")  # fmt: skip
             print(peak_markdown(rows, PeakMemory(device).method))
         return {}
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Result]]:
         sizes["many-small"] = MANY_SMALL_QUICK if args.quick else MANY_SMALL
     if args.copy_bytes:
         if rank == 0:
-            print(f"\nsharded-adamw bench --copy-bytes: world size {world}, "
+            print(f"\npython -m benchmarks --copy-bytes: world size {world}, "
                   f"{environment(device)}\n")  # fmt: skip
         for label, size in sizes.items():
             torch.manual_seed(0)
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Result]]:
         _profile(sizes, args, device)
         return {}
     if rank == 0:
-        print(f"\nsharded-adamw bench: world size {world}, {environment(device)}")
+        print(f"\npython -m benchmarks: world size {world}, {environment(device)}")
         print(f"{args.steps} measured steps after {args.warmup} warm-up, batch "
               f"{args.batch_size} x {args.seq_len} tokens per rank, lr {LR}\n")  # fmt: skip
     tables = {}

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .agreement import check_finite
-from .optimizer import ShardedAdamW
+from ..core.agreement import check_finite
+from ..core.optimizer import ShardedAdamW
 
 
 class ShardedGradScaler(torch.amp.GradScaler):

@@ -25,8 +25,8 @@ import sys
 
 from torch.nn.parallel import DistributedDataParallel
 
+from ..core.optimizer import ShardedAdamW
 from .amp import ShardedGradScaler
-from .optimizer import ShardedAdamW
 
 
 def _unwrap(obj):

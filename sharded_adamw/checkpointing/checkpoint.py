@@ -74,8 +74,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.nn.parallel import DistributedDataParallel
 
+from ..core.optimizer import RUNTIME_KEYS, ShardedAdamW
 from .boxes import flat_range_boxes
-from .optimizer import RUNTIME_KEYS, ShardedAdamW
 
 FORMAT = "sharded-adamw/2"
 OLD_FORMAT = "sharded-adamw/1"

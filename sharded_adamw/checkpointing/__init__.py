@@ -1,0 +1,1 @@
+"""Checkpoints: sharded save and load at any world size, DCP boxes."""

@@ -1,0 +1,1 @@
+"""The core: buckets and layout, the collectives, the reducer, the update, the optimizer."""

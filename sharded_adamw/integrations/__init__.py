@@ -1,0 +1,1 @@
+"""Integrations at the edge: DDP, torch's clipping functions, GradScaler, accelerate, Lightning."""

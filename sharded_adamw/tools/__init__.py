@@ -1,0 +1,1 @@
+"""Tools: the command line, the memory estimator, the peak-memory instrument."""
