@@ -154,9 +154,9 @@ def _sharded_held(model: nn.Module, opt: ShardedAdamW) -> Callable[[], dict]:
     no public attribute exposes, from the optimizer's buckets and pool."""
     return lambda: {
         "params": list(model.parameters()),
-        "grads": [p.grad for p in model.parameters()] + [b.grad for b in opt._buckets],
+        "grads": [p.grad for p in model.parameters()] + [b.grad for b in opt.buckets],
         "state": _state_tensors(opt),
-        "buffers": [t for ts in opt._pool.buffers.values() for t in ts],
+        "buffers": opt.staging_buffers(),
     }
 
 

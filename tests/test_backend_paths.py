@@ -57,7 +57,7 @@ def _train(rank: int, world: int) -> dict:
                 opt.zero_grad()
         out[mode] = {
             "ops": dict(ops),
-            "backend": opt._comm.backend_on(torch.device("cpu")),
+            "backend": opt.comm.backend_on(torch.device("cpu")),
             "params": [p.detach().numpy().tobytes() for p in model.parameters()],
         }
     return out

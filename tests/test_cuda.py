@@ -89,8 +89,8 @@ def _scenarios(rank: int, world: int, device_type: str, ckpt: str) -> dict:
         _train(ref, ref_opt, device, rank, STEPS)
         _train(net, opt, device, rank, STEPS)
         out[name] = _agree(ref_model, model)
-        out[name]["devices"] = {str(b.device) for b in opt._buckets}
-        out[name]["step_devices"] = {str(b.steps.device) for b in opt._buckets}
+        out[name]["devices"] = {str(b.device) for b in opt.buckets}
+        out[name]["step_devices"] = {str(b.steps.device) for b in opt.buckets}
 
         if name == "attach":  # state_dict both ways with torch AdamW, then 3 more steps
             mine, theirs = opt.state_dict(), ref_opt.state_dict()

@@ -205,7 +205,7 @@ def test_parameters_off_the_current_cuda_device_are_named_with_the_fix(monkeypat
     """Where a script moved the model with ``.to(f"cuda:{r}")`` but never called
     ``torch.cuda.set_device`` (current device stubbed: this machine may have no GPU)."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    check = optimizer_module._current_device_mismatch
+    check = optimizer_module.current_device_mismatch
     problem = check(torch.device("cuda", 1))
     assert problem is not None
     assert "cuda:1" in problem and "cuda:0" in problem and "torch.cuda.set_device(1)" in problem
@@ -216,14 +216,14 @@ def test_parameters_off_the_current_cuda_device_are_named_with_the_fix(monkeypat
 def _wrong_cuda_device(rank: int, world: int) -> str | None:
     """Rank 1 is told, by the real check under a stubbed current device (cuda:0), that its
     parameters sit on cuda:1; the others are fine. Returns this rank's construction error."""
-    real = optimizer_module._current_device_mismatch
+    real = optimizer_module.current_device_mismatch
     stubs = contextlib.ExitStack()
     if rank == 1:
         stubs.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
         stubs.enter_context(
             mock.patch.object(
                 optimizer_module,
-                "_current_device_mismatch",
+                "current_device_mismatch",
                 lambda device: real(torch.device("cuda", 1)),
             )
         )

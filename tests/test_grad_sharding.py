@@ -93,7 +93,7 @@ def _comm_accounting(rank: int, world: int) -> dict:
         if mode == "attach":
             net = DDP(m)
             opt.attach(net)
-        padded = sum(b.layout.padded_numel for b in opt._buckets)
+        padded = sum(b.layout.padded_numel for b in opt.buckets)
         x, y = batch(0, rank)
         loss_fn(net(x), y).backward()
         opt.step()
@@ -101,7 +101,7 @@ def _comm_accounting(rank: int, world: int) -> dict:
             "stats": opt.comm_stats(),
             "P": P,
             "padded": padded,
-            "buckets": len(opt._buckets),
+            "buckets": len(opt.buckets),
         }
     return out
 
@@ -129,7 +129,7 @@ def _many_small(rank: int, world: int) -> dict:
         o.zero_grad()
     return {
         "stats": opt.comm_stats(),
-        "buckets": len(opt._buckets),
+        "buckets": len(opt.buckets),
         "equal": all(torch.equal(p, q) for p, q in zip(ref.parameters(), model.parameters())),
     }
 

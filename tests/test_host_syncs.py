@@ -99,7 +99,7 @@ def _step_tensors_on_host(opt: ShardedAdamW) -> set[int]:
     """Storages of the step counts that torch keeps on the CPU by design (not fused)."""
     return {
         b.steps.untyped_storage().data_ptr()
-        for b in opt._buckets
+        for b in opt.buckets
         if not b.group["fused"] and b.steps.device.type == "cpu"
     }
 

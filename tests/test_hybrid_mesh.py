@@ -47,8 +47,8 @@ def _hybrid(rank: int, world: int) -> dict:
         out[mode] = {
             "params": compare(ref_model, model),
             "comm": opt.comm_stats(),
-            "padded": sum(b.layout.padded_numel for b in opt._buckets),
-            "shard_numel": sum(b.layout.shard_numel for b in opt._buckets),
+            "padded": sum(b.layout.padded_numel for b in opt.buckets),
+            "shard_numel": sum(b.layout.shard_numel for b in opt.buckets),
             "n_params": len(opt._slot),
         }
     big = Big()

@@ -107,7 +107,7 @@ def _master_weights(rank: int, dtype: torch.dtype, mode: str, reduce_dtype=None)
         "params": params,
         "params_are_cast_masters": cast_equal,
         "comm": opt.comm_stats(),
-        "padded": sum(b.layout.padded_numel for b in opt._buckets),
+        "padded": sum(b.layout.padded_numel for b in opt.buckets),
     }
 
 
@@ -234,7 +234,7 @@ def _mixed_dtypes(rank: int, world: int) -> dict:
         opt.step()
         opt.zero_grad()
     return {
-        "buckets": len(opt._buckets),
+        "buckets": len(opt.buckets),
         "fp32_close": all(
             torch.allclose(p, q, rtol=1e-2)
             for p, q in zip(ref[0].parameters(), model[0].parameters())

@@ -222,7 +222,7 @@ def load_checkpoint(
     groups, extra = fmt.groups_and_extra(first)
     _check_groups(where, groups, _group_names(opt, names))
     module.load_state_dict({k: first[fmt.model(k)] for k in model_sd})
-    with torch.no_grad(), opt._state_load():
+    with torch.no_grad(), opt.state_load():
         for p, o in owned.items():
             loaded = temps.get(p, {})
             o.step.copy_(loaded.get("step", torch.zeros(())))
@@ -278,7 +278,7 @@ def owned_state(opt: ShardedAdamW) -> dict[torch.Tensor, OwnedState]:
     """Every parameter with state, in the optimizer's bucket order. The one place that reads
     the optimizer's internals (buckets, slots, state buffers), read-only."""
     out = {}
-    for b in opt._buckets:
+    for b in opt.buckets:
         buffers = {
             "exp_avg": b.exp_avg,
             "exp_avg_sq": b.exp_avg_sq,
@@ -351,7 +351,7 @@ class _Ranks:
     """
 
     def __init__(self, opt: ShardedAdamW):
-        comm = self.comm = opt._comm
+        comm = self.comm = opt.comm
         self.device = next(  # where the state lives; the small all-gathers run there too
             (t.device for s in opt.state.values() for k, t in s.items() if k != "step"),
             torch.device("cpu"),

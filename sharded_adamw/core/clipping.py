@@ -24,20 +24,20 @@ def total_norm(opt: ShardedAdamW, norm_type: float, error_if_nonfinite: bool) ->
     all-reduce of a scalar, in float64; every rank gets the same value). As in torch, it has
     the gradients' dtype (the shards' dtype, promoted across groups), so fp64 gradients are
     clipped to fp64 precision."""
-    opt._finish_reduction()
+    opt.finish_reduction()
     norm_type = float(norm_type)
-    shards = [b.grad for b in opt._buckets if b.has_grad]
-    device = opt._buckets[0].device if opt._buckets else torch.device("cpu")
+    shards = [b.grad for b in opt.buckets if b.has_grad]
+    device = opt.buckets[0].device if opt.buckets else torch.device("cpu")
     if not shards:
         return torch.zeros((), device=device)
     dtype = functools.reduce(torch.promote_types, (s.dtype for s in shards))
     norms = torch.stack([torch.linalg.vector_norm(s, norm_type).double() for s in shards])
     if math.isinf(norm_type):
         local = norms.max().reshape(1)
-        total = opt._comm.all_reduce_(local, "max", shard_only=True)[0].to(dtype)
+        total = opt.comm.all_reduce_(local, "max", shard_only=True)[0].to(dtype)
     else:
         local = norms.pow(norm_type).sum().reshape(1)
-        total = opt._comm.all_reduce_(local, "sum", shard_only=True)[0]
+        total = opt.comm.all_reduce_(local, "sum", shard_only=True)[0]
         total = total.pow(1.0 / norm_type).to(dtype)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(
@@ -52,8 +52,8 @@ def total_norm(opt: ShardedAdamW, norm_type: float, error_if_nonfinite: bool) ->
 @torch.no_grad()
 def scale_by_norm(opt: ShardedAdamW, max_norm: float, norm: torch.Tensor) -> None:
     """Scale ``opt``'s gradient shards as ``clip_grads_with_norm_`` scales ``p.grad``."""
-    opt._finish_reduction()
-    shards = [b.grad for b in opt._buckets if b.has_grad]
+    opt.finish_reduction()
+    shards = [b.grad for b in opt.buckets if b.has_grad]
     if shards:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(shards, coef.to(shards[0].device))
@@ -62,8 +62,8 @@ def scale_by_norm(opt: ShardedAdamW, max_norm: float, norm: torch.Tensor) -> Non
 @torch.no_grad()
 def clamp_values(opt: ShardedAdamW, clip_value: float) -> None:
     """Clamp ``opt``'s gradient shards to ``[-clip_value, clip_value]``, elementwise."""
-    opt._finish_reduction()
-    shards = [b.grad for b in opt._buckets if b.has_grad]
+    opt.finish_reduction()
+    shards = [b.grad for b in opt.buckets if b.has_grad]
     if shards:
         torch._foreach_clamp_min_(shards, -float(clip_value))
         torch._foreach_clamp_max_(shards, float(clip_value))

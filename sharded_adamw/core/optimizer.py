@@ -134,7 +134,7 @@ class ShardedAdamW(Optimizer):
             state_dict_timeout=state_dict_timeout,
             overlap_param_gather=overlap_param_gather,
         )
-        self._comm = Comm(process_group)
+        self.comm = Comm(process_group)
         self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self._overlap = overlap_comm
         self._master_weights = master_weights
@@ -163,9 +163,9 @@ class ShardedAdamW(Optimizer):
         self._reduced = False  # every bucket was reduce-scattered since the last step
         self._in_backward = False
         self._next_bucket = 0
-        self._agreement = StepAgreement(self._comm)
+        self._agreement = StepAgreement(self.comm)
         self._last_stats = CommStats()
-        self._gather = ParamGather(self._buckets, self._comm, overlap_param_gather)
+        self._gather = ParamGather(self._buckets, self.comm, overlap_param_gather)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -182,17 +182,17 @@ class ShardedAdamW(Optimizer):
             defaults["decoupled_weight_decay"] = True
         super().__init__(params, defaults)
         self._server = (
-            StateServer(self, self._comm, ShardBucket.state_buffers, state_dict_timeout)
-            if self._comm.distributed
+            StateServer(self, self.comm, ShardBucket.state_buffers, state_dict_timeout)
+            if self.comm.distributed
             else None
         )
         optimizer_built(self)
-        if self._comm.global_rank == 0:
+        if self.comm.global_rank == 0:
             logger.info(
                 "ShardedAdamW: world size %d (x%d replicas), %d buckets, %d elements owned "
                 "per rank, %.1f MiB state per rank, bucket cap %.1f MiB",
-                self._comm.world_size,
-                self._comm.replicas,
+                self.comm.world_size,
+                self.comm.replicas,
                 len(self._buckets),
                 sum(b.layout.shard_numel for b in self._buckets),
                 self.memory()["state_bytes"] / 2**20,
@@ -296,7 +296,7 @@ class ShardedAdamW(Optimizer):
         self._deferred += [(gi, p) for p in params if _deferred(p)]
         self._build_buckets(gi, [p for p in params if not _deferred(p) and p.numel() > 0])
 
-    def _build_deferred(self, with_state: Iterable[torch.Tensor] = ()) -> list[ShardBucket]:
+    def build_deferred(self, with_state: Iterable[torch.Tensor] = ()) -> list[ShardBucket]:
         """Buckets for the deferred parameters that can now step: frozen ones since unfrozen
         (``requires_grad_()``; torch AdamW steps them once they have a gradient) and meta ones
         since materialised (``module.to_empty``), built from their current values, with fresh
@@ -325,7 +325,7 @@ class ShardedAdamW(Optimizer):
                 if taken:
                     other._hand_over(taken[0])
         group = self.param_groups[gi]
-        comm = self._comm
+        comm = self.comm
         rdtype = lambda p: (
             self._reduce_dtype
             or (  # noqa: E731
@@ -363,8 +363,9 @@ class ShardedAdamW(Optimizer):
         a DDP model, whose comm hook cannot be replaced, the newer optimizer is refused."""
         if self._ddp is not None:
             raise ValueError(
-                f"ShardedAdamW: {self._name(p)} is already optimized by a ShardedAdamW attached "
-                "to a DistributedDataParallel model, whose comm hook cannot be replaced; load "
+                f"ShardedAdamW: {self.param_name(p)} is already optimized by a ShardedAdamW "
+                "attached to a DistributedDataParallel model, whose comm hook cannot be replaced; "
+                "load "
                 "the new settings into that optimizer (load_state_dict, param_groups) instead"
             )
         self.sync_params()
@@ -384,11 +385,11 @@ class ShardedAdamW(Optimizer):
         device = next(
             (p.device for p in params if p.device.type not in ("cpu", "meta")), torch.device("cpu")
         )
-        if device.type == "cpu" and self._comm.backend_on(device) == "nccl":  # no CPU tensors
+        if device.type == "cpu" and self.comm.backend_on(device) == "nccl":  # no CPU tensors
             device = torch.device("cuda", torch.cuda.current_device())
         self._object_device = device  # for later small agreements (the state server's)
-        wrong = _current_device_mismatch(device)
-        gathered = self._comm.all_gather_object((self._comm.global_rank, wrong, mine), device)
+        wrong = current_device_mismatch(device)
+        gathered = self.comm.all_gather_object((self.comm.global_rank, wrong, mine), device)
         for rank, problem, _ in gathered:
             if problem is not None:
                 raise RuntimeError(f"ShardedAdamW: rank {rank}: {problem}")
@@ -414,6 +415,60 @@ class ShardedAdamW(Optimizer):
         from ..integrations.ddp import attach
 
         attach(self, model)
+
+    # ---- internal interface ----------------------------------------------------------------
+    # What this package's integrations, checkpointing, tools and tests use from an optimizer.
+    # Users need none of it; nothing outside this module reads the optimizer's private fields.
+
+    @property
+    def buckets(self) -> tuple[ShardBucket, ...]:
+        """The buckets, in construction order (the reduce-scatter order)."""
+        return tuple(self._buckets)
+
+    @property
+    def attached_model(self) -> torch.nn.Module | None:
+        """The ``DistributedDataParallel`` model this optimizer is attached to, or None."""
+        return self._ddp
+
+    @property
+    def object_device(self) -> torch.device:
+        """The device small agreements between the ranks run on (the parameters' device, or
+        the current CUDA device under NCCL)."""
+        return self._object_device
+
+    def owns(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` lives in one of this optimizer's buckets."""
+        return p in self._slot
+
+    def owned_params(self) -> list[torch.nn.Parameter]:
+        """The parameters that live in this optimizer's buckets."""
+        return list(self._slot)
+
+    def slot_of(self, p: torch.Tensor) -> tuple[ShardBucket, int]:
+        """``(bucket, index)`` of parameter ``p`` (which this optimizer owns)."""
+        return self._slot[p]
+
+    def gradient_shards(self) -> list[torch.Tensor]:
+        """The averaged gradient's shards that hold a gradient this step, once every
+        reduction has finished (collective, when one is still to launch)."""
+        self.finish_reduction()
+        return [b.grad for b in self._buckets if b.has_grad]
+
+    def unscale_gradients(self, inv_scale: torch.Tensor) -> torch.Tensor:
+        """``GradScaler.unscale_`` on the shards (``ShardedGradScaler``): multiply every
+        gradient shard by ``inv_scale`` and return 1.0 where any rank's held a NaN or inf
+        (agreed by one all-reduce), 0.0 otherwise. The step that follows then trusts the
+        scaler's flag instead of refusing a stock ``GradScaler``'s."""
+        self.finish_reduction()
+        found = check_finite(self._buckets, inv_scale)
+        if self.comm.distributed:
+            self.comm.all_reduce_(found, "max")
+        self._scaler_checked = True
+        return found
+
+    def staging_buffers(self) -> list[torch.Tensor]:
+        """The reusable reduce-scatter staging buffers allocated so far."""
+        return [t for ts in self._pool.buffers.values() for t in ts]
 
     # ---- gradients -> reduce-scatter ------------------------------------------------------
 
@@ -460,7 +515,7 @@ class ShardedAdamW(Optimizer):
         """Stage ``grads`` in a pool slot and launch the bucket's reduce-scatter (standalone,
         and from the DDP comm hook where it stages)."""
         self._pool.acquire(bucket)
-        handle = bucket.reduce_scatter(self._comm, grads, async_op=self._overlap)
+        handle = bucket.reduce_scatter(self.comm, grads, async_op=self._overlap)
         self._pool.hold(bucket, handle)
         self._pending.append(handle)
 
@@ -487,12 +542,12 @@ class ShardedAdamW(Optimizer):
             if g.is_sparse:
                 raise RuntimeError(
                     "ShardedAdamW does not support sparse gradients "
-                    f"(parameter {self._name(p)}); use torch.optim.SparseAdam"
+                    f"(parameter {self.param_name(p)}); use torch.optim.SparseAdam"
                 )
             bucket.present[i] = True
         return g
 
-    def _finish_reduction(self) -> None:
+    def finish_reduction(self) -> None:
         """Make sure every bucket's gradient shard is reduced and complete."""
         if self._ddp is None and (self._local_pending or not self._reduced):
             self._pool.bind(self._buckets)
@@ -541,7 +596,7 @@ class ShardedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        new = self._build_deferred()
+        new = self.build_deferred()
         if any(p.is_meta for _, p in self._deferred) and not self._meta_warned:
             self._meta_warned = True
             warnings.warn(
@@ -570,12 +625,12 @@ class ShardedAdamW(Optimizer):
         for _, p in self._deferred:
             if p.grad is not None:
                 raise RuntimeError(
-                    f"ShardedAdamW: {self._name(p)} has a gradient but "
+                    f"ShardedAdamW: {self.param_name(p)} has a gradient but "
                     + ("is on the meta device" if p.is_meta else "requires_grad=False")
                     + "; materialise it (module.to_empty) or unfreeze it (requires_grad_())"
                 )
-        self._finish_reduction()
-        present = presence(self._buckets, self._ddp, self._name)
+        self.finish_reduction()
+        present = presence(self._buckets, self._ddp, self.param_name)
         scaler_found = getattr(self, "found_inf", None)  # set by GradScaler.step
         if scaler_found is not None and not self._scaler_checked:
             raise RuntimeError(
@@ -603,7 +658,7 @@ class ShardedAdamW(Optimizer):
         if skip:
             self._skipped_on_host += 1
             self._after_step()
-            if self._comm.global_rank == 0:
+            if self.comm.global_rank == 0:
                 logger.warning(
                     "ShardedAdamW: non-finite gradient, step skipped on every rank "
                     "(%d skipped so far)",
@@ -759,7 +814,7 @@ class ShardedAdamW(Optimizer):
         torch AdamW, the sharded gradient never carries over from one step to the next."""
         self._reduced = False
         self._clear_grads()
-        self._last_stats = self._comm.reset_stats()
+        self._last_stats = self.comm.reset_stats()
 
     def _clear_grads(self) -> None:
         for bucket in self._buckets:
@@ -848,7 +903,7 @@ class ShardedAdamW(Optimizer):
         ``state_dict()`` works on any rank without a collective first, so the usual
         ``opt.consolidate_state_dict(to=0)`` on every rank and ``state_dict()`` on rank ``to``
         give the full state there (as do ``state_dict()`` calls on other ranks)."""
-        if not 0 <= to < max(self._comm.dp_size, 1):
+        if not 0 <= to < max(self.comm.dp_size, 1):
             raise ValueError(f"consolidate_state_dict(to={to}): no such rank")
 
     def _state_lock(self) -> contextlib.AbstractContextManager:
@@ -856,7 +911,7 @@ class ShardedAdamW(Optimizer):
         return self._server.lock if self._server is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _state_load(self) -> Iterator[None]:
+    def state_load(self) -> Iterator[None]:
         """Around a load that every rank makes (``load_state_dict``, ``load_checkpoint``):
         the state changes under the served-state lock and the load is counted, so that a
         ``state_dict()`` caller that has finished its load is answered by a rank only after
@@ -909,13 +964,13 @@ class ShardedAdamW(Optimizer):
             for key in (*STATE_KEYS, "master_param"):
                 if key in entry and tuple(entry[key].shape) != tuple(p.shape):
                     raise ValueError(
-                        f"loaded state dict's {key} for {self._name(p)} has shape "
+                        f"loaded state dict's {key} for {self.param_name(p)} has shape "
                         f"{tuple(entry[key].shape)}, the parameter has {tuple(p.shape)}"
                     )
         entries = {p: state[pid] for pid, p in by_id.items() if pid in state}
         self.sync_params()
-        self._build_deferred(with_state=entries)
-        with self._state_load():
+        self.build_deferred(with_state=entries)
+        with self.state_load():
             self._load_entries(entries, saved_groups)
             for k, v in state.items():
                 if k not in by_id:
@@ -970,11 +1025,11 @@ class ShardedAdamW(Optimizer):
             "state_allocated_bytes": alloc,
             "grad_shard_bytes": sum(nbytes(b.grad) for b in self._buckets),
             "param_bytes": sum(nbytes(p) for g in self.param_groups for p in g["params"]),
-            "world_size": self._comm.world_size,
-            "replicas": self._comm.replicas,
+            "world_size": self.comm.world_size,
+            "replicas": self.comm.replicas,
         }
 
-    def _name(self, p: torch.Tensor) -> str:
+    def param_name(self, p: torch.Tensor) -> str:
         if p in self._names:
             return repr(self._names[p])
         for gi, g in enumerate(self.param_groups):
@@ -1080,7 +1135,7 @@ def _describe(entry: tuple) -> str:
     return f"{label}shape {shape} {dtype}" + ("" if requires_grad else " (frozen)")
 
 
-def _current_device_mismatch(device: torch.device) -> str | None:
+def current_device_mismatch(device: torch.device) -> str | None:
     """What is wrong if ``device`` (where a rank's parameters are) is a CUDA device other than
     the current one, else None. NCCL runs barriers, object collectives and DDP's setup on the
     current device: a model moved with ``.to(f"cuda:{r}")`` but no ``torch.cuda.set_device``

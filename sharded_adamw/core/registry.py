@@ -38,14 +38,14 @@ def owners(params: Iterable[torch.Tensor]) -> dict[int, ShardedAdamW | None]:
     opts = live_optimizers()
     out: dict[int, ShardedAdamW | None] = {}
     for p in params:
-        out[id(p)] = next((o for o in opts if p in o._slot), None)
+        out[id(p)] = next((o for o in opts if o.owns(p)), None)
     return out
 
 
 def check_late_process_group(opt: ShardedAdamW) -> None:
     """Raise if ``opt`` resolved to a single process but a process group of several ranks
     exists now: every rank would silently train its own copy of the model."""
-    if opt._comm.distributed or not dist.is_available() or not dist.is_initialized():
+    if opt.comm.distributed or not dist.is_available() or not dist.is_initialized():
         return
     world = dist.get_world_size()
     if world > 1:

@@ -82,7 +82,7 @@ class StateServer:
         self.updates_started = 0
         self.loads = 0  # state loads this rank has finished (every rank makes the same ones)
         self.timeout = timeout
-        self._channel = SideChannel(comm, timeout, opt._object_device)
+        self._channel = SideChannel(comm, timeout, opt.object_device)
         self._buffers_of = buffers_of
         self._broken: str | None = None
         self._thread = threading.Thread(
@@ -163,7 +163,7 @@ class StateServer:
             if opt is None:
                 return
             try:
-                self._answer(opt._buckets, caller, want, nbuckets, loads)
+                self._answer(opt.buckets, caller, want, nbuckets, loads)
             except Exception as e:  # noqa: BLE001 - the caller raises; keep serving others
                 logger.warning(
                     "ShardedAdamW: serving state to rank %d failed: %s", ch.ranks[caller], e

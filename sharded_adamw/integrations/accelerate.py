@@ -53,9 +53,9 @@ def install() -> None:
         models = [o for o in objs if isinstance(o, DistributedDataParallel)]
         for acc_opt in (o for o in objs if isinstance(_unwrap(o), ShardedAdamW)):
             opt = _unwrap(acc_opt)
-            if opt._ddp is None:
+            if opt.attached_model is None:
                 for model in models:
-                    if _trainable(model.parameters()) == {id(p) for p in opt._slot}:
+                    if _trainable(model.parameters()) == {id(p) for p in opt.owned_params()}:
                         opt.attach(model)
                         break
             if self.scaler is not None and not isinstance(self.scaler, ShardedGradScaler):
@@ -70,7 +70,9 @@ def install() -> None:
         params = list(parameters)
         for acc_opt in self._optimizers:
             opt = _unwrap(acc_opt)
-            if isinstance(opt, ShardedAdamW) and _trainable(params) == {id(p) for p in opt._slot}:
+            if isinstance(opt, ShardedAdamW) and _trainable(params) == {
+                id(p) for p in opt.owned_params()
+            }:
                 self.unscale_gradients()
                 return opt.clip_grad_norm_(max_norm, norm_type)
         return clip(self, params, max_norm, norm_type)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from ..core.agreement import check_finite
 from ..core.optimizer import ShardedAdamW
 
 
@@ -29,10 +28,6 @@ class ShardedGradScaler(torch.amp.GradScaler):
     ) -> dict[torch.device, torch.Tensor]:
         if not isinstance(optimizer, ShardedAdamW):
             return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
-        optimizer._finish_reduction()
-        found = check_finite(optimizer._buckets, inv_scale)
-        if optimizer._comm.distributed:
-            optimizer._comm.all_reduce_(found, "max")
+        found = optimizer.unscale_gradients(inv_scale)
         found_inf.copy_(found.reshape(found_inf.shape).to(found_inf.device))
-        optimizer._scaler_checked = True
         return {found_inf.device: found_inf}

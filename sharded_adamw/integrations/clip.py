@@ -70,11 +70,11 @@ def _owner(parameters: Iterable[torch.Tensor] | torch.Tensor, what: str) -> Shar
             "separately (opt.clip_grad_norm_ for the ShardedAdamW's)"
         )
     given = {id(p) for p in params}
-    missing = [p for p in opt._slot if id(p) not in given]
+    missing = [p for p in opt.owned_params() if id(p) not in given]
     if missing:
         raise RuntimeError(
             f"torch.nn.utils.{what} was given only some of a ShardedAdamW's parameters "
-            f"({opt._name(missing[0])} is missing); the sharded clip covers all of them: pass "
+            f"({opt.param_name(missing[0])} is missing); the sharded clip covers all of them: pass "
             "all of the optimizer's parameters, or call opt.clip_grad_norm_(...)"
         )
     return opt
@@ -137,7 +137,9 @@ def _route_get_total_norm(original: Callable) -> Callable:
         if isinstance(tensors, Iterable) and not isinstance(tensors, torch.Tensor):
             tensors = list(tensors)
         given = [tensors] if isinstance(tensors, torch.Tensor) else tensors
-        grad_of = {id(p.grad): p for o in live_optimizers() for p in o._slot if p.grad is not None}
+        grad_of = {
+            id(p.grad): p for o in live_optimizers() for p in o.owned_params() if p.grad is not None
+        }
         params = [grad_of[id(t)] for t in given if id(t) in grad_of]
         if not params:
             return original(tensors, norm_type, error_if_nonfinite, foreach)

@@ -142,7 +142,7 @@ def _reduce_scatter_hook(
     """
     params, slots, runs, reduce_dtype, grads = state.route(bucket)
     opt = state.opt
-    comm = opt._comm
+    comm = opt.comm
     buffer = bucket.buffer()
     for (b, i), p in zip(slots, params):
         if p.grad is not None:
@@ -208,7 +208,7 @@ def attach(opt: "ShardedAdamW", model: torch.nn.Module) -> None:
         )
     if opt._ddp is model:
         return
-    opt._build_deferred()  # parameters materialised (to_empty) since the optimizer was built
+    opt.build_deferred()  # parameters materialised (to_empty) since the optimizer was built
     if opt._ddp is not None:
         raise RuntimeError("ShardedAdamW.attach(): this optimizer is already attached to a model")
     names = {p: n for n, p in model.module.named_parameters()}
@@ -229,14 +229,14 @@ def attach(opt: "ShardedAdamW", model: torch.nn.Module) -> None:
     for p in opt._slot:
         if p not in mine:
             raise ValueError(
-                f"ShardedAdamW.attach(): optimizer {opt._name(p)} is not a trainable "
+                f"ShardedAdamW.attach(): optimizer {opt.param_name(p)} is not a trainable "
                 "parameter of this DDP model"
             )
     ddp_world = dist.get_world_size(model.process_group)
-    if ddp_world != opt._comm.dp_size:
+    if ddp_world != opt.comm.dp_size:
         raise ValueError(
             f"ShardedAdamW.attach(): DDP averages over {ddp_world} ranks but the optimizer's "
-            f"process group has {opt._comm.dp_size}"
+            f"process group has {opt.comm.dp_size}"
         )
     for p, n in names.items():
         opt._names.setdefault(p, n)
@@ -264,9 +264,9 @@ def _pair(opt: "ShardedAdamW", model: DistributedDataParallel) -> None:
     warn if they only overlap (or the attach is refused)."""
     if opt._ddp is not None or getattr(opt, "_ddp_warned", False):
         return
-    opt._build_deferred()
+    opt.build_deferred()
     trainable = {id(p) for p in model.parameters() if p.requires_grad and p.numel() > 0}
-    mine = {id(p) for p in opt._slot}
+    mine = {id(p) for p in opt.owned_params()}
     if not trainable & mine:
         return
     if trainable == mine:
@@ -298,12 +298,12 @@ def _pair(opt: "ShardedAdamW", model: DistributedDataParallel) -> None:
 
 def _on_optimizer_built(opt: "ShardedAdamW") -> None:
     """A DDP model built before the optimizer: find it among the recorded ones."""
-    models = [m for m in list(_models) if opt._ddp is None]
+    models = [m for m in list(_models) if opt.attached_model is None]
     exact = [
         m
         for m in models
         if {id(p) for p in m.parameters() if p.requires_grad and p.numel() > 0}
-        == {id(p) for p in opt._slot}
+        == {id(p) for p in opt.owned_params()}
     ]
     if len(exact) > 1:  # two live wrappers of one model: which one trains is not ours to guess
         warnings.warn(

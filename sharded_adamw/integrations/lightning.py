@@ -96,7 +96,7 @@ class ShardedDDPStrategy(DDPStrategy):
                 "attach() registers its own reduce-scatter hook"
             )
         for opt in sharded:
-            if opt._ddp is None:
+            if opt.attached_model is None:
                 opt.attach(self.model)
         plugin = self.precision_plugin
         if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
