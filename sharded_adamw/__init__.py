@@ -4,8 +4,8 @@ from .core.layout import BucketLayout, ParamSlot, owned_range, plan_buckets, sha
 from .core.optimizer import ShardedAdamW
 from .integrations.accelerate import install_when_imported
 from .integrations.amp import ShardedGradScaler
+from .integrations.autoattach import watch_ddp
 from .integrations.clip import install as _install_clip_routes
-from .integrations.ddp import watch_ddp
 
 __all__ = [
     "BucketLayout",
