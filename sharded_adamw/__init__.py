@@ -26,7 +26,7 @@ _CHECKPOINT = ("CheckpointError", "checkpoint_exists", "load_checkpoint", "save_
 
 
 def __getattr__(name: str):
-    """The checkpoint functions load on first use: torch.distributed.checkpoint takes ~1 s to
+    """The checkpoint functions load on first use: torch.distributed.checkpoint is slow to
     import, which every other use of the package (the CLI, a single-process run) is spared."""
     if name in _CHECKPOINT:
         from .checkpointing import checkpoint

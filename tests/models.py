@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -34,6 +35,16 @@ class TinyLM(nn.Module):
         if use_branch:
             h = h + self.branch(h)
         return self.head(h * self.frozen_scale)
+
+
+class Big(nn.Module):
+    """About 2.7 million elements in tensors whose sizes divide by neither 2, 3 nor 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5003, 333)
+        self.lin = nn.Linear(1001, 997)
+        self.norm = nn.LayerNorm(997)
 
 
 def param_groups(model: nn.Module, lr: float = 1e-2, weight_decay: float = 0.1) -> list[dict]:
@@ -103,3 +114,38 @@ def train_pair(
             s.step()
             o.zero_grad()
     return ref_model, model, ref_opt, opt
+
+
+class MasterReference:
+    """A low-precision model updated from fp32 masters by torch AdamW on averaged fp32 grads."""
+
+    def __init__(self, model: nn.Module, scale: float = 1.0, reduce_dtype=torch.float32):
+        self.model = model
+        self.pairs = [(p, nn.Parameter(p.detach().float())) for p in model.parameters()]
+        master = {id(p): m for p, m in self.pairs}
+        groups = param_groups(model)
+        for g in groups:
+            g["params"] = [master[id(p)] for p in g["params"]]
+        self.opt = torch.optim.AdamW(groups)
+        self.scale = scale
+        self.reduce_dtype = reduce_dtype
+
+    def step(self, skip: bool = False) -> None:
+        world = dist.get_world_size()
+        for p, m in self.pairs:
+            if not p.requires_grad:
+                continue
+            g = p.grad.to(self.reduce_dtype).mul_(1.0 / world)
+            dist.all_reduce(g)
+            g = g.float()
+            m.grad = g.mul_(1.0 / self.scale) if self.scale != 1.0 else g
+            p.grad = None
+        if not skip:
+            self.opt.step()
+        self.opt.zero_grad()
+        with torch.no_grad():
+            for p, m in self.pairs:
+                p.copy_(m)
+
+    def masters(self) -> dict:
+        return {id(p): m for p, m in self.pairs}

@@ -38,7 +38,7 @@ def _accelerate_script(rank: int, world: int, tmp: str) -> dict:
     x = torch.randint(0, VOCAB, (64, 5), generator=g)
     loader = DataLoader(TensorDataset(x, torch.roll(x, 1, dims=1)), batch_size=4)
     ref, ref_opt, model, opt, loader = acc.prepare(ref, ref_opt, model, opt, loader)
-    attached = opt.optimizer._ddp is model
+    attached = opt.optimizer.attached_model is model
 
     def train(batches) -> list:
         norms = []
@@ -65,7 +65,7 @@ def _accelerate_script(rank: int, world: int, tmp: str) -> dict:
         "norms": norms,
         "params": compare(ref, model),
         "resumed_equal": resumed,
-        "steps": opt.optimizer.state[next(iter(opt.optimizer._slot))]["step"].item(),
+        "steps": opt.optimizer.state[opt.optimizer.owned_params()[0]]["step"].item(),
     }
 
 

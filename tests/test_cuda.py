@@ -22,8 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sharded_adamw import ShardedAdamW, load_checkpoint, save_checkpoint
 
 from . import distributed
-from .models import TinyLM, batch, compare, loss_fn, param_groups
-from .test_mixed_precision import MasterReference
+from .models import MasterReference, TinyLM, batch, compare, loss_fn, param_groups
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 needs_cuda = pytest.mark.skipif(
@@ -137,7 +136,7 @@ def _scenarios(rank: int, world: int, device_type: str, ckpt: str) -> dict:
             _train(net4, opt4, device, rank, 2, start=STEPS)
             out["fused_into_default"] = _agree(ref_model, model4)
             out["fused_into_default"]["fused"] = {g["fused"] for g in opt4.param_groups}
-            out["fused_into_default"]["step_devices"] = {str(b.steps.device) for b in opt4._buckets}
+            out["fused_into_default"]["step_devices"] = {str(b.steps.device) for b in opt4.buckets}
 
     ref_model, ref, ref_opt, model, net, opt = _pair(device)
     want = _train(
@@ -167,8 +166,8 @@ def _scenarios(rank: int, world: int, device_type: str, ckpt: str) -> dict:
     pairs = [
         (opt.state[p]["master_param"], masters[id(q)].detach().reshape(-1)[s.start : s.end])
         for p, q in zip(model.parameters(), master_ref.model.parameters())
-        if p in opt._slot
-        for s in [opt._slot[p][0].layout.slots[opt._slot[p][1]]]
+        if opt.owns(p)
+        for s in [opt.slot_of(p)[0].layout.slots[opt.slot_of(p)[1]]]
     ]
     out["bf16"] = {
         "equal": all(torch.equal(a, b) for a, b in pairs),
@@ -250,7 +249,7 @@ def test_torch_fused_state_dict_loads_into_a_default_optimizer_and_steps(setup):
     for r in per_rank:
         assert r["fused_into_default"]["fused"] == {None}
         assert r["fused_into_default"]["step_devices"] == {"cpu"}
-        # fused and the default implementation differ in the last bits (NOTES.md)
+        # fused and the default implementation differ in the last bits (docs/numerics.md)
         assert r["fused_into_default"]["rel"] <= CUDA_REL_TOL, r["fused_into_default"]
 
 

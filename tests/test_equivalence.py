@@ -55,9 +55,9 @@ def _state_vs_torch(ref_opt: torch.optim.Optimizer, opt: ShardedAdamW) -> dict:
     }
     out = {"equal": True, "rel": 0.0, "checked": 0}
     for ours_p, ref_p in zip(_params(opt), _params(ref_opt)):
-        if ours_p not in opt._slot:
+        if not opt.owns(ours_p):
             continue
-        bucket, i = opt._slot[ours_p]
+        bucket, i = opt.slot_of(ours_p)
         slot = bucket.layout.slots[i]
         mine, theirs = opt.state[ours_p], ref_state[id(ref_p)]
         assert mine["step"].item() == theirs["step"].item()

@@ -14,6 +14,7 @@ from sharded_adamw import ShardedAdamW
 from sharded_adamw.core import optimizer as optimizer_module
 
 from . import distributed
+from .models import Big
 
 
 @pytest.mark.parametrize(
@@ -88,16 +89,6 @@ def test_frozen_parameters_get_no_state():
     model.bias.requires_grad_(False)
     opt = ShardedAdamW(model.parameters())
     assert model.bias not in opt.state and model.weight in opt.state
-
-
-class Big(nn.Module):
-    """About 2.7 million elements in tensors whose sizes divide by neither 2, 3 nor 4."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(5003, 333)
-        self.lin = nn.Linear(1001, 997)
-        self.norm = nn.LayerNorm(997)
 
 
 def _distributed_checks(rank: int, world: int) -> dict:

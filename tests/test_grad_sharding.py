@@ -13,8 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sharded_adamw import ShardedAdamW
 
 from . import distributed
-from .models import TinyLM, batch, compare, loss_fn, param_groups
-from .test_errors_and_memory import Big
+from .models import Big, TinyLM, batch, compare, loss_fn, param_groups
 
 K = 4  # micro-batches per step
 ACCUM_REL_TOL = 1e-5  # k micro-batches vs one batch of k*b: float sums in another order

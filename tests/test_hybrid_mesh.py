@@ -18,8 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sharded_adamw import ShardedAdamW
 
 from . import distributed
-from .models import TinyLM, batch, compare, loss_fn, param_groups
-from .test_errors_and_memory import Big
+from .models import Big, TinyLM, batch, compare, loss_fn, param_groups
 
 REL_TOL = 1e-6
 
@@ -49,7 +48,7 @@ def _hybrid(rank: int, world: int) -> dict:
             "comm": opt.comm_stats(),
             "padded": sum(b.layout.padded_numel for b in opt.buckets),
             "shard_numel": sum(b.layout.shard_numel for b in opt.buckets),
-            "n_params": len(opt._slot),
+            "n_params": len(opt.owned_params()),
         }
     big = Big()
     P = sum(p.numel() for p in big.parameters())

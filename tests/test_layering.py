@@ -143,3 +143,50 @@ def test_every_module_of_the_package_lives_in_a_folder():
         and n.split(".")[1] not in ALLOWED
     ]
     assert loose == [], loose
+
+
+def _private_names(tree: ast.Module) -> set[str]:
+    """Private names a module defines: functions, classes, module constants, and attributes
+    it assigns on ``self``/``cls``."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                names.add(node.attr)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return {n for n in names if n.startswith("_") and not n.endswith("__")}
+
+
+def private_reads(readers: list[Path]) -> list[str]:
+    """``x._name`` in ``readers`` where ``_name`` is a private name that some module of the
+    package defines and the reading module does not (``x`` not ``self``/``cls``)."""
+    trees = {p: ast.parse(p.read_text()) for p in MODULES.values()}
+    ours = set().union(*(_private_names(t) for t in trees.values()))
+    found = []
+    for path in readers:
+        tree = trees.get(path) or ast.parse(path.read_text())
+        own = _private_names(tree)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ours - own
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: .{node.attr}")
+    return found
+
+
+def test_no_module_of_the_package_reads_another_modules_private_names():
+    """What a module needs from another is a named interface (the optimizer's is listed under
+    "internal interface" in ``core/optimizer.py``), so a change inside one module cannot
+    break another in silence."""
+    assert private_reads(list(MODULES.values())) == []
+
+
+def test_the_tests_read_no_private_names_of_the_package():
+    tests = sorted(Path(__file__).parent.rglob("*.py"))
+    assert private_reads(tests) == []

@@ -48,7 +48,7 @@ def _ddp_order(rank: int, order: str) -> dict:
             o.step()
             o.zero_grad()
     equal = all(torch.equal(p, q) for p, q in zip(ref_model.parameters(), model.parameters()))
-    return {"attached": opt._ddp is net, "equal": equal, "warnings": len(caught)}
+    return {"attached": opt.attached_model is net, "equal": equal, "warnings": len(caught)}
 
 
 def _partial_overlap_warns(rank: int) -> list[str]:
@@ -57,7 +57,7 @@ def _partial_overlap_warns(rank: int) -> list[str]:
         warnings.simplefilter("always")
         opt = ShardedAdamW(model[0].parameters())
         net = DDP(model)
-    assert opt._ddp is None and net is not None
+    assert opt.attached_model is None and net is not None
     return [str(w.message) for w in caught]
 
 

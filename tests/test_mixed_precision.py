@@ -22,8 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sharded_adamw import ShardedAdamW, ShardedGradScaler
 
 from . import distributed
-from .models import TinyLM, batch, compare, loss_fn, param_groups
-from .test_errors_and_memory import Big
+from .models import Big, MasterReference, TinyLM, batch, compare, loss_fn, param_groups
 
 STEPS = 12
 REL_TOL = 1e-6
@@ -32,41 +31,6 @@ REL_TOL = 1e-6
 # and there; Adam's normalisation turns that into up to ~1e-5 relative on a master whose
 # gradient is near zero (measured 8.2e-6 at STEPS = 12).
 MASTER_REL_TOL_W3 = 2e-5
-
-
-class MasterReference:
-    """A low-precision model updated from fp32 masters by torch AdamW on averaged fp32 grads."""
-
-    def __init__(self, model: nn.Module, scale: float = 1.0, reduce_dtype=torch.float32):
-        self.model = model
-        self.pairs = [(p, nn.Parameter(p.detach().float())) for p in model.parameters()]
-        master = {id(p): m for p, m in self.pairs}
-        groups = param_groups(model)
-        for g in groups:
-            g["params"] = [master[id(p)] for p in g["params"]]
-        self.opt = torch.optim.AdamW(groups)
-        self.scale = scale
-        self.reduce_dtype = reduce_dtype
-
-    def step(self, skip: bool = False) -> None:
-        world = dist.get_world_size()
-        for p, m in self.pairs:
-            if not p.requires_grad:
-                continue
-            g = p.grad.to(self.reduce_dtype).mul_(1.0 / world)
-            dist.all_reduce(g)
-            g = g.float()
-            m.grad = g.mul_(1.0 / self.scale) if self.scale != 1.0 else g
-            p.grad = None
-        if not skip:
-            self.opt.step()
-        self.opt.zero_grad()
-        with torch.no_grad():
-            for p, m in self.pairs:
-                p.copy_(m)
-
-    def masters(self) -> dict:
-        return {id(p): m for p, m in self.pairs}
 
 
 def _master_weights(rank: int, dtype: torch.dtype, mode: str, reduce_dtype=None) -> dict:
@@ -88,9 +52,9 @@ def _master_weights(rank: int, dtype: torch.dtype, mode: str, reduce_dtype=None)
     masters = ref.masters()
     equal, rel = True, 0.0
     for p_ref, p in zip(ref.model.parameters(), model.parameters()):
-        if p not in opt._slot:
+        if not opt.owns(p):
             continue
-        bucket, i = opt._slot[p]
+        bucket, i = opt.slot_of(p)
         slot = bucket.layout.slots[i]
         want = masters[id(p_ref)].detach().reshape(-1)[slot.start : slot.end]
         got = opt.state[p]["master_param"]
@@ -99,7 +63,8 @@ def _master_weights(rank: int, dtype: torch.dtype, mode: str, reduce_dtype=None)
             rel = max(rel, ((got - want).abs().max() / want.abs().max()).item())
     params = compare(ref.model, model)
     cast_equal = all(  # every rank checks the elements it owns: together, all of them
-        torch.equal(b.param_owned(i), b.owned(b.master, i).to(dtype)) for b, i in opt._slot.values()
+        torch.equal(b.param_owned(i), b.owned(b.master, i).to(dtype))
+        for b, i in map(opt.slot_of, opt.owned_params())
     )
     return {
         "masters_equal": equal,

@@ -68,7 +68,8 @@ class _Averaged(nn.Module):
 
 def _in_flat(opt: ShardedAdamW) -> bool:
     """Whether every optimized parameter's data lies inside its bucket's flat buffer."""
-    for p, (b, _) in opt._slot.items():
+    for p in opt.owned_params():
+        b, _ = opt.slot_of(p)
         lo = b.flat.data_ptr()
         hi = lo + b.flat.numel() * b.flat.element_size()
         if not (lo <= p.data_ptr() and p.data_ptr() + p.numel() * p.element_size() <= hi):
@@ -159,7 +160,7 @@ def _train(
         loss = logits.square().mean() if y is None else loss_fn(logits, y)
         loss.backward()
         opt.step()
-        seen["in flight after step"].append(bool(opt._gather._pending))
+        seen["in flight after step"].append(opt.params_in_flight)
         reader = step % 4
         if reader == 0:  # evaluation
             with torch.no_grad():
@@ -174,7 +175,7 @@ def _train(
         else:  # zero_grad reads no parameter, so it leaves the all-gathers in flight
             opt.zero_grad()
             read = None
-        seen["in flight after reader"].append(bool(opt._gather._pending))
+        seen["in flight after reader"].append(opt.params_in_flight)
         seen["reads"].append(read)
         opt.zero_grad()
     seen["final"] = [p.detach().clone() for p in model.parameters()]

@@ -145,7 +145,7 @@ def _dead_server_is_named(rank: int, W: int) -> dict:
         opt.step()
         opt.zero_grad()
     if rank == W - 1:
-        opt._server.close()  # stands for a dead or stuck rank
+        opt.state_server.close()  # stands for a dead or stuck rank
     dist.barrier()
     out = {}
     if rank == 0:

@@ -12,10 +12,8 @@ from __future__ import annotations
 from array import array
 
 import torch
-from torch.autograd.profiler import record_function
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from .collectives import Comm, Handle
 from .layout import BucketLayout
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -80,11 +78,10 @@ class ShardBucket:
         self._versions = [-1] * len(params)
         self.adopt()
         self.master = self.shard.to(torch.float32, copy=True) if low else None
-        self.exp_avg = self._zeros(S)
-        self.exp_avg_sq = self._zeros(S)
-        self.max_exp_avg_sq = self._zeros(S) if group["amsgrad"] else None
-        self.grad = self._zeros(S)
-        self.has_grad = False
+        self.exp_avg = self.state_zeros(S)
+        self.exp_avg_sq = self.state_zeros(S)
+        self.max_exp_avg_sq = self.state_zeros(S) if group["amsgrad"] else None
+        self.grad = self.state_zeros(S)  # this rank's shard of the averaged gradient
         step_device = self.device if group["fused"] else torch.device("cpu")
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=step_device)
         self.first_step = self.steps[0]  # stands for all when they step together
@@ -92,20 +89,6 @@ class ShardBucket:
         self.present_all = [True] * len(params)
         self._step_counts = array("f", [0.0] * len(params))  # see step_counts()
         self._steps_version = self.steps._version
-        self.present = [False] * len(params)
-        # Parameters whose gradient torch would keep as a zero tensor: they had one since the
-        # last ``zero_grad(set_to_none=True)`` and were zeroed with ``set_to_none=False``.
-        # torch.optim.AdamW goes on stepping those (momentum, weight decay) in steps where
-        # they get no new gradient, so they step here too, with a zero gradient.
-        self.kept = [False] * len(params)
-        self.stepped = [False] * len(params)  # agreed presence of the last step
-        self.reduced = [False] * len(params)  # attached: a reduction reached this slot
-        self.ready = 0  # gradients that arrived in the current backward
-        self.arrivals: list[torch.Tensor | None] = []  # attached, staging: DDP's views
-        self.staging: torch.Tensor | None = None  # a BufferPool slot, bound before use
-        self.slot: tuple = ()
-        self._staging_views: list[torch.Tensor] = []
-        self._staging_gaps: list[torch.Tensor] = []
 
     def adopt(self) -> None:
         """Make every parameter live in ``flat``: its values are copied in, then its ``.data``
@@ -154,17 +137,6 @@ class ShardBucket:
         """Whether every parameter still is its view of ``flat`` (one pointer per parameter)."""
         return [p.data_ptr() for p in self.params] == self._ptrs
 
-    def slot_bytes(self) -> int:
-        """Bytes of pool slot this bucket's reduce-scatter input needs (reduce dtype)."""
-        return self.layout.padded_numel * self.reduce_dtype.itemsize
-
-    def bind(self, buffer: torch.Tensor) -> None:
-        """Use the byte buffer ``buffer`` for this bucket's reduce-scatter input and
-        precompute each parameter's view of it, so a backward makes no per-parameter views."""
-        self.staging = buffer[: self.slot_bytes()].view(self.reduce_dtype)
-        self._staging_views = [self.staging[s.base : s.base + s.numel] for s in self.layout.slots]
-        self._staging_gaps = [self.staging[a:b] for a, b in self.layout.gaps()]
-
     def owned(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """Slot ``i``'s owned part of a shard-shaped tensor (empty where this rank owns none)."""
         s = self.layout.slots[i]
@@ -173,34 +145,6 @@ class ShardBucket:
     def param_owned(self, i: int) -> torch.Tensor:
         """This rank's owned elements of parameter ``i`` (a view of the parameter)."""
         return self.owned(self.shard, i)
-
-    def reduce_scatter(
-        self, comm: Comm, grads: list[torch.Tensor | None], async_op: bool
-    ) -> Handle:
-        """Average ``grads`` (one per parameter, None for no gradient, which counts as zeros)
-        into this rank's gradient shard, adding to what the shard already holds since the
-        last step (so no micro-batch is lost).
-
-        The one copy of the data path that ZeRO-2 needs: the gradients go into the staging
-        buffer in the bucket's layout (zeros for missing ones and the padding), then one
-        collective averages it into the shard."""
-        staging = self.staging
-        have = [
-            (d, as_real(g).reshape(-1)) for d, g in zip(self._staging_views, grads) if g is not None
-        ]
-        if len(have) == len(grads):
-            torch._foreach_copy_(self._staging_views, [g for _, g in have])
-        else:
-            for d, g in zip(self._staging_views, grads):
-                if g is None:
-                    d.zero_()
-            if have:
-                torch._foreach_copy_([d for d, _ in have], [g for _, g in have])
-        if self._staging_gaps:  # the slot is shared with other buckets: zero the padding
-            torch._foreach_zero_(self._staging_gaps)
-        accumulate, self.has_grad = self.has_grad, True
-        with record_function("sharded_adamw.reduce_scatter"):
-            return comm.reduce_scatter_grads(staging, self.grad, accumulate, async_op)
 
     def sync_masters(self) -> None:
         """Bring non-contiguous parameters' writes into ``flat`` (``copy_in``), and re-seed the
@@ -290,7 +234,8 @@ class ShardBucket:
             bufs["master_param"] = self.master
         return bufs
 
-    def _zeros(self, numel: int) -> torch.Tensor:
+    def state_zeros(self, numel: int) -> torch.Tensor:
+        """A zeroed shard-sized tensor in the dtype of the update."""
         return torch.zeros(numel, dtype=self.update_dtype, device=self.device)
 
 
@@ -305,60 +250,3 @@ def _own_storage(view: torch.Tensor) -> torch.Tensor:
     stays what torch gives (tensors aliasing the live parameters), and the bucket lives as
     long as any of them does."""
     return from_dlpack(to_dlpack(view))
-
-
-class BufferPool:
-    """A few reusable bucket-sized byte buffers per device, shared in turn by the buckets'
-    reduce-scatter inputs.
-
-    Bucket ``i`` of a device uses slot ``i % size`` (fewer slots where a device has fewer
-    buckets). Before a bucket uses a slot, ``acquire``
-    waits for the collective that used it last (and runs its delivery), so at most ``size``
-    buckets' worth of staging exists at any time: the buffers live exactly as long as their
-    collective needs them. Views into the slots are made once, at bind.
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self.buffers: dict[torch.device, list[torch.Tensor]] = {}
-        self._users: dict[tuple, Handle] = {}  # slot -> the collective using it
-
-    def bind(self, buckets: list[ShardBucket]) -> None:
-        """Bind the buckets that have no staging yet (allocating the slots once)."""
-        if all(b.staging is not None for b in buckets):
-            return
-        self.drain()
-        need: dict[torch.device, int] = {}
-        users: dict[torch.device, int] = {}
-        for b in buckets:
-            need[b.device] = max(need.get(b.device, 0), b.slot_bytes())
-            users[b.device] = users.get(b.device, 0) + 1
-        for device, nbytes in need.items():
-            slots = min(self.size, users[device])  # one bucket needs one slot, not two
-            have = self.buffers.get(device)
-            if have is None or have[0].numel() < nbytes or len(have) < slots:
-                self.buffers[device] = [
-                    torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(slots)
-                ]
-        counts: dict[torch.device, int] = {}
-        for b in buckets:
-            i = counts[b.device] = counts.get(b.device, -1) + 1
-            slot = i % len(self.buffers[b.device])
-            b.slot = (b.device, slot)
-            b.bind(self.buffers[b.device][slot])
-
-    def acquire(self, bucket: ShardBucket) -> None:
-        """Wait until the last collective that used ``bucket``'s slot is done."""
-        handle = self._users.pop(bucket.slot, None)
-        if handle is not None:
-            handle.wait()
-
-    def hold(self, bucket: ShardBucket, handle: Handle) -> None:
-        """Record that ``handle``'s collective uses ``bucket``'s slot until it is waited."""
-        self._users[bucket.slot] = handle
-
-    def drain(self) -> None:
-        """Wait for every collective that uses a slot."""
-        for handle in self._users.values():
-            handle.wait()
-        self._users.clear()

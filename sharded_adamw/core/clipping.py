@@ -24,9 +24,8 @@ def total_norm(opt: ShardedAdamW, norm_type: float, error_if_nonfinite: bool) ->
     all-reduce of a scalar, in float64; every rank gets the same value). As in torch, it has
     the gradients' dtype (the shards' dtype, promoted across groups), so fp64 gradients are
     clipped to fp64 precision."""
-    opt.finish_reduction()
     norm_type = float(norm_type)
-    shards = [b.grad for b in opt.buckets if b.has_grad]
+    shards = opt.gradient_shards()
     device = opt.buckets[0].device if opt.buckets else torch.device("cpu")
     if not shards:
         return torch.zeros((), device=device)
@@ -52,8 +51,7 @@ def total_norm(opt: ShardedAdamW, norm_type: float, error_if_nonfinite: bool) ->
 @torch.no_grad()
 def scale_by_norm(opt: ShardedAdamW, max_norm: float, norm: torch.Tensor) -> None:
     """Scale ``opt``'s gradient shards as ``clip_grads_with_norm_`` scales ``p.grad``."""
-    opt.finish_reduction()
-    shards = [b.grad for b in opt.buckets if b.has_grad]
+    shards = opt.gradient_shards()
     if shards:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(shards, coef.to(shards[0].device))
@@ -62,8 +60,7 @@ def scale_by_norm(opt: ShardedAdamW, max_norm: float, norm: torch.Tensor) -> Non
 @torch.no_grad()
 def clamp_values(opt: ShardedAdamW, clip_value: float) -> None:
     """Clamp ``opt``'s gradient shards to ``[-clip_value, clip_value]``, elementwise."""
-    opt.finish_reduction()
-    shards = [b.grad for b in opt.buckets if b.has_grad]
+    shards = opt.gradient_shards()
     if shards:
         torch._foreach_clamp_min_(shards, -float(clip_value))
         torch._foreach_clamp_max_(shards, float(clip_value))

@@ -137,6 +137,22 @@ class Comm:
         self.stats = CommStats()
 
     @property
+    def check_still_alone(self) -> None:
+        """Raise if this ``Comm`` resolved to a single process but a process group of several
+        ranks exists now (built after the optimizer): every rank would silently train its own
+        copy of the model."""
+        if self.distributed or not dist.is_available() or not dist.is_initialized():
+            return
+        world = dist.get_world_size()
+        if world > 1:
+            raise RuntimeError(
+                "ShardedAdamW was built before torch.distributed.init_process_group(), so it "
+                f"runs on this process alone, but a process group of {world} ranks exists now "
+                f"(this is rank {dist.get_rank()}): every rank would train its own model. Build "
+                "the optimizer after init_process_group() (to optimize each rank's model on its "
+                "own on purpose, pass process_group=dist.new_group([rank]) for each rank)"
+            )
+
     def distributed(self) -> bool:
         return self.shard_group is not None
 
@@ -235,9 +251,9 @@ class Comm:
         parameters are views of) goes to every rank, the others' shards land in ``flat``.
 
         On NCCL one all-gather. On gloo one broadcast per shard from its owner, all in flight
-        at once: gloo's all-gather collects into a buffer of its own and copies out, and
-        measured here (2 CPU processes, 92 MB bucket) took 86 ms where the broadcasts took 23
-        ms (3.4x; 2.8x at 3 ranks, 2.7x at 4). Either way the bytes land unchanged."""
+        at once: gloo's all-gather collects into a buffer of its own and copies out, which
+        costs more than the broadcasts (docs/performance.md). Either way the bytes land
+        unchanged."""
         self._count("all_gather", flat)
         if not self.distributed:
             return Handle(None)

@@ -31,13 +31,14 @@ from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 from torch.optim.optimizer import _to_scalar
 
-from .agreement import StepAgreement, check_finite, presence
-from .bucket import LOW_PRECISION, BufferPool, ShardBucket, as_real, real_dtype
+from .agreement import StepAgreement, check_finite
+from .bucket import LOW_PRECISION, ShardBucket, as_real, real_dtype
 from .clipping import scale_by_norm, total_norm
-from .collectives import Comm, CommStats, Handle
+from .collectives import Comm, CommStats
 from .layout import align_elements, plan_buckets
 from .param_gather import ParamGather
-from .registry import check_late_process_group, live_optimizers, optimizer_built
+from .reducer import HookReducer, Reducer
+from .registry import live_optimizers, optimizer_built
 from .state_server import StateServer, state_entries
 from .update import adamw_update
 
@@ -136,7 +137,6 @@ class ShardedAdamW(Optimizer):
         )
         self.comm = Comm(process_group)
         self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
-        self._overlap = overlap_comm
         self._master_weights = master_weights
         self._reduce_dtype = reduce_dtype
         self.skip_nonfinite = skip_nonfinite
@@ -146,7 +146,10 @@ class ShardedAdamW(Optimizer):
         self._scaler_checked = False  # ShardedGradScaler checked the shards for this step
         self._step_supports_amp_scaling = True  # GradScaler hands its scale to step()
         self._buckets: list[ShardBucket] = []
-        self._pool = BufferPool(gather_buffers)
+        # the backward side; replaced by a DDP-driven one at ``attach()``
+        self._reducer: Reducer = HookReducer(
+            self._buckets, self.comm, gather_buffers, overlap_comm, self.param_name
+        )
         self._slot: dict[torch.nn.Parameter, tuple[ShardBucket, int]] = {}
         self._names: dict[torch.nn.Parameter, str] = {}
         # (group index, parameter) of parameters without buckets yet: frozen or on the meta
@@ -154,15 +157,7 @@ class ShardedAdamW(Optimizer):
         self._deferred: list[tuple[int, torch.nn.Parameter]] = []
         self._meta_warned = False
         self._superseded = False  # a newer ShardedAdamW took the parameters (``_hand_over``)
-        self._hooks: list = []
-        self._pending: list[Handle] = []
-        self._ddp = None
         self._object_device = torch.device("cpu")
-        self._no_sync = False
-        self._local_pending = False  # local grads in p.grad that no reduce-scatter has taken
-        self._reduced = False  # every bucket was reduce-scattered since the last step
-        self._in_backward = False
-        self._next_bucket = 0
         self._agreement = StepAgreement(self.comm)
         self._last_stats = CommStats()
         self._gather = ParamGather(self._buckets, self.comm, overlap_param_gather)
@@ -321,7 +316,7 @@ class ShardedAdamW(Optimizer):
     def _build_buckets(self, gi: int, trainable: list[torch.nn.Parameter]) -> None:
         for other in live_optimizers():
             if other is not self:
-                taken = [p for p in trainable if p in other._slot]
+                taken = [p for p in trainable if other.owns(p)]
                 if taken:
                     other._hand_over(taken[0])
         group = self.param_groups[gi]
@@ -349,10 +344,8 @@ class ShardedAdamW(Optimizer):
             for i, p in enumerate(members):
                 self._slot[p] = (bucket, i)
                 self.state[p] = bucket.state_of(i)
-                if self._overlap and p.requires_grad:  # frozen with loaded state: no hook;
-                    # if unfrozen, its bucket is launched at the end of backward or in step()
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
             self._buckets.append(bucket)
+            self._reducer.added([bucket])
         self._gather.added()
 
     def _hand_over(self, p: torch.Tensor) -> None:
@@ -361,7 +354,7 @@ class ShardedAdamW(Optimizer):
         as our buckets no longer hold the parameters. ``state_dict()`` keeps working, so the
         usual rebuild-and-load (``new.load_state_dict(old.state_dict())``) works. Attached to
         a DDP model, whose comm hook cannot be replaced, the newer optimizer is refused."""
-        if self._ddp is not None:
+        if self._reducer.model is not None:
             raise ValueError(
                 f"ShardedAdamW: {self.param_name(p)} is already optimized by a ShardedAdamW "
                 "attached to a DistributedDataParallel model, whose comm hook cannot be replaced; "
@@ -369,10 +362,7 @@ class ShardedAdamW(Optimizer):
                 "the new settings into that optimizer (load_state_dict, param_groups) instead"
             )
         self.sync_params()
-        self._wait_pending()
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._reducer.close()
         self._superseded = True
 
     def _check_same_on_every_rank(self, gi: int, params: list, names: list) -> None:
@@ -411,10 +401,23 @@ class ShardedAdamW(Optimizer):
 
     def attach(self, model: torch.nn.Module) -> None:
         """Make ``model`` (a ``DistributedDataParallel``) reduce-scatter gradients into this
-        optimizer's shards during backward, instead of all-reducing them."""
-        from ..integrations.ddp import attach
+        optimizer's shards during backward, instead of all-reducing them: the backward side
+        becomes DDP-driven (``integrations.ddp.DDPReducer``) for good."""
+        from ..integrations.ddp import DDPReducer, check_attachable
 
-        attach(self, model)
+        if self._reducer.model is model:
+            return
+        self.build_deferred()  # parameters materialised (to_empty) since the optimizer was built
+        if self._reducer.model is not None:
+            raise RuntimeError(
+                "ShardedAdamW.attach(): this optimizer is already attached to a model"
+            )
+        trainable, names = check_attachable(self, model)
+        for p, n in names.items():
+            self._names.setdefault(p, n)
+        self._reducer.close()
+        self._reducer = DDPReducer(self._reducer, model, trainable)
+        self._gather.watch(model.module)
 
     # ---- internal interface ----------------------------------------------------------------
     # What this package's integrations, checkpointing, tools and tests use from an optimizer.
@@ -428,7 +431,7 @@ class ShardedAdamW(Optimizer):
     @property
     def attached_model(self) -> torch.nn.Module | None:
         """The ``DistributedDataParallel`` model this optimizer is attached to, or None."""
-        return self._ddp
+        return self._reducer.model
 
     @property
     def object_device(self) -> torch.device:
@@ -452,7 +455,7 @@ class ShardedAdamW(Optimizer):
         """The averaged gradient's shards that hold a gradient this step, once every
         reduction has finished (collective, when one is still to launch)."""
         self.finish_reduction()
-        return [b.grad for b in self._buckets if b.has_grad]
+        return self._reducer.shards()
 
     def unscale_gradients(self, inv_scale: torch.Tensor) -> torch.Tensor:
         """``GradScaler.unscale_`` on the shards (``ShardedGradScaler``): multiply every
@@ -460,116 +463,43 @@ class ShardedAdamW(Optimizer):
         (agreed by one all-reduce), 0.0 otherwise. The step that follows then trusts the
         scaler's flag instead of refusing a stock ``GradScaler``'s."""
         self.finish_reduction()
-        found = check_finite(self._buckets, inv_scale)
+        found = check_finite(self._reducer.shards(), self._buckets[0].device, inv_scale)
         if self.comm.distributed:
             self.comm.all_reduce_(found, "max")
         self._scaler_checked = True
         return found
 
+    @property
+    def params_in_flight(self) -> bool:
+        """Whether parameter all-gathers launched by the last step are still unwaited
+        (``overlap_param_gather``)."""
+        return self._gather.in_flight
+
+    @property
+    def state_server(self) -> StateServer | None:
+        """The thread that serves this rank's shards to ``state_dict()`` callers on other
+        ranks (None on one process)."""
+        return self._server
+
     def staging_buffers(self) -> list[torch.Tensor]:
         """The reusable reduce-scatter staging buffers allocated so far."""
-        return [t for ts in self._pool.buffers.values() for t in ts]
+        return [t for ts in self._reducer.pool.buffers.values() for t in ts]
 
-    # ---- gradients -> reduce-scatter ------------------------------------------------------
-
-    def _on_grad_ready(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: launch buckets, in order, as their gradients are ready."""
-        if self._ddp is not None:
-            return
-        if self._no_sync:
-            self._local_pending = True
-            return
-        if not self._in_backward:
-            self._in_backward = True
-            self._pool.bind(self._buckets)
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-        bucket, _ = self._slot[p]
-        bucket.ready += 1
-        buckets = self._buckets
-        while self._next_bucket < len(buckets):
-            nxt = buckets[self._next_bucket]
-            if nxt.ready < len(nxt.params):
-                break
-            self._launch(nxt)
-            self._next_bucket += 1
-
-    def _end_of_backward(self) -> None:
-        """Launch the buckets whose gradients did not all arrive (unused parameters), so that
-        every rank reduce-scatters every bucket exactly once per backward, in the same order."""
-        for bucket in self._buckets[self._next_bucket :]:
-            self._launch(bucket)
-        for bucket in self._buckets:
-            bucket.ready = 0
-        self._next_bucket = 0
-        self._in_backward = False
-        self._local_pending = False
-        self._reduced = True
-
-    def _launch(self, bucket: ShardBucket) -> None:
-        grads = [self._local_grad(bucket, i, p) for i, p in enumerate(bucket.params)]
-        self.launch_reduce_scatter(bucket, grads)
-        for p in bucket.params:  # ZeRO-2: the shard now holds this rank's part
-            p.grad = None
-
-    def launch_reduce_scatter(self, bucket: ShardBucket, grads: list) -> None:
-        """Stage ``grads`` in a pool slot and launch the bucket's reduce-scatter (standalone,
-        and from the DDP comm hook where it stages)."""
-        self._pool.acquire(bucket)
-        handle = bucket.reduce_scatter(self.comm, grads, async_op=self._overlap)
-        self._pool.hold(bucket, handle)
-        self._pending.append(handle)
-
-    def arrived(self, bucket: ShardBucket, i: int, grad: torch.Tensor) -> None:
-        """Attached, where the DDP hook stages: DDP hands over parameter ``i``'s local
-        gradient (a view of DDP's bucket, valid until the next backward); the bucket's
-        reduce-scatter is launched once all of its gradients are in."""
-        if not bucket.ready:
-            bucket.arrivals = [None] * len(bucket.params)
-        bucket.arrivals[i] = grad
-        bucket.ready += 1
-        if bucket.ready == len(bucket.params):
-            self._launch_arrived(bucket)
-
-    def _launch_arrived(self, bucket: ShardBucket) -> None:
-        self._pool.bind(self._buckets)
-        self.launch_reduce_scatter(bucket, bucket.arrivals)
-        bucket.arrivals, bucket.ready = [], 0
-
-    def _local_grad(self, bucket: ShardBucket, i: int, p: torch.Tensor) -> torch.Tensor | None:
-        """``p.grad``, recording that it exists (torch AdamW skips parameters without one)."""
-        g = p.grad
-        if g is not None:
-            if g.is_sparse:
-                raise RuntimeError(
-                    "ShardedAdamW does not support sparse gradients "
-                    f"(parameter {self.param_name(p)}); use torch.optim.SparseAdam"
-                )
-            bucket.present[i] = True
-        return g
+    # ---- gradients -> reduce-scatter (``reducer.py``) ------------------------------------
 
     def finish_reduction(self) -> None:
         """Make sure every bucket's gradient shard is reduced and complete."""
-        if self._ddp is None and (self._local_pending or not self._reduced):
-            self._pool.bind(self._buckets)
-            for bucket in self._buckets:
-                self._launch(bucket)
-            self._local_pending = False
-        for bucket in self._buckets:  # attached: DDP left a bucket incomplete (missing = 0)
-            if self._ddp is not None and bucket.ready:
-                self._launch_arrived(bucket)
-        self._reduced = True
-        with record_function("sharded_adamw.reduce_scatter_wait"):
-            self._wait_pending()
+        self._reducer.finish()
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally in ``p.grad``; the next backward outside the context
         (or ``step()``) communicates once. With ``attach()``, use ``ddp_model.no_sync()``."""
-        old, self._no_sync = self._no_sync, True
+        old, self._reducer.no_sync = self._reducer.no_sync, True
         try:
             yield
         finally:
-            self._no_sync = old
+            self._reducer.no_sync = old
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
@@ -591,11 +521,43 @@ class ShardedAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Reduce-scatter (if backward has not), update the owned shard, all-gather."""
+        """One step, in the order of the data path:
+
+        1. finish the reduction: every gradient shard holds the averaged gradient;
+        2. agree over the ranks, in one small collective, whether to skip the step (a NaN or
+           inf anywhere) and which parameters had a gradient;
+        3. update the owned shards in place, run by run, and
+        4. launch each run's parameter all-gathers as soon as it is updated."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._prepare():
+            return loss
+        self._reducer.finish()  # 1
+        present = self._reducer.presence()
+        skip, on_device = self._agree(present)  # 2 (writes the agreed presence into present)
+        if skip:
+            self._skipped_on_host += 1
+            if self.comm.global_rank == 0:
+                logger.warning(
+                    "ShardedAdamW: non-finite gradient, step skipped on every rank "
+                    "(%d skipped so far)",
+                    self.skipped_steps,
+                )
+        else:
+            with self._state_lock():  # a state_dict() being served finishes first
+                if self._server is not None:
+                    self._server.updates_started += 1
+            self._update_and_gather(present, on_device)  # 3 and 4
+        self._reducer.consumed(present)
+        self._last_stats = self.comm.reset_stats()
+        return loss
+
+    def _prepare(self) -> bool:
+        """Before the data path: buckets for the parameters unfrozen or materialised since
+        (``build_deferred``), parameters given new storage re-adopted, and the checks that
+        must raise before any collective. False when there is nothing to step."""
         new = self.build_deferred()
         if any(p.is_meta for _, p in self._deferred) and not self._meta_warned:
             self._meta_warned = True
@@ -604,11 +566,11 @@ class ShardedAdamW(Optimizer):
                 "gives a module new parameter tensors, so an optimizer (this one or "
                 "torch.optim.AdamW) built before it keeps the old meta ones: build the optimizer "
                 "after materialising the model",
-                stacklevel=3,
+                stacklevel=4,
             )
         if not self._buckets:
-            return loss
-        check_late_process_group(self)
+            return False
+        self.comm.check_still_alone()
         if self._superseded:
             raise RuntimeError(
                 "ShardedAdamW: a ShardedAdamW built later over the same parameters has taken "
@@ -618,10 +580,8 @@ class ShardedAdamW(Optimizer):
         for b in self._buckets:
             if not b.adopted():  # given new storage (``model.double().float()``, ``p.data =``)
                 b.adopt()
-        if new and (self._ddp is not None or (self._reduced and not self._local_pending)):
-            self._pool.bind(self._buckets)  # their gradients are still in p.grad: reduce them
-            for b in new:
-                self._launch(b)
+        if new:
+            self._reducer.adopt_new(new)
         for _, p in self._deferred:
             if p.grad is not None:
                 raise RuntimeError(
@@ -629,8 +589,22 @@ class ShardedAdamW(Optimizer):
                     + ("is on the meta device" if p.is_meta else "requires_grad=False")
                     + "; materialise it (module.to_empty) or unfreeze it (requires_grad_())"
                 )
-        self.finish_reduction()
-        present = presence(self._buckets, self._ddp, self.param_name)
+        return True
+
+    def _agree(
+        self, present: list[list[bool]]
+    ) -> tuple[bool, tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """Step 2: ``(skip, on_device)``. Whether any rank's gradient holds a NaN or inf
+        (checked on the shards, or taken from ``GradScaler``'s handshake), and which
+        parameters had a gradient on some rank, written into ``present``; both agreed in one
+        all-reduce (``StepAgreement``). With fused AdamW and no scaler the agreement stays
+        on the device (``on_device``: the flags fused AdamW takes as ``found_inf``), so the
+        host never waits for the backward, as with GradScaler and fused optimizers.
+
+        The handshake: ``GradScaler.step`` hands its scale (``grad_scale``) or, after
+        ``unscale_``, its verdict (``found_inf``) to an optimizer with
+        ``_step_supports_amp_scaling``; only ``ShardedGradScaler`` computes that verdict on the
+        shards (``unscale_gradients``), so a stock scaler's is refused."""
         scaler_found = getattr(self, "found_inf", None)  # set by GradScaler.step
         if scaler_found is not None and not self._scaler_checked:
             raise RuntimeError(
@@ -640,37 +614,22 @@ class ShardedAdamW(Optimizer):
         self._scaler_checked = False
         grad_scale = getattr(self, "grad_scale", None)
         inv = None if grad_scale is None else grad_scale.double().reciprocal().float()
-        found = check_finite(self._buckets, inv) if self.skip_nonfinite or inv is not None else None
-        if scaler_found is not None:  # already agreed by ShardedGradScaler; decided in skip()
-            scaler_found = scaler_found.to(self._buckets[0].device).reshape(1)
+        device = self._buckets[0].device
+        found = None
+        if self.skip_nonfinite or inv is not None:
+            found = check_finite(self._reducer.shards(), device, inv)
+        if scaler_found is not None:  # already agreed by ShardedGradScaler
+            scaler_found = scaler_found.to(device).reshape(1)
             found = scaler_found if found is None else found + scaler_found
+        needs = self._reducer.needs_agreement
         on_device = None
         if scaler_found is None and inv is None and all(g["fused"] for g in self.param_groups):
-            # fused AdamW takes the agreed flags as ``found_inf`` and skips on the device: the
-            # host never waits for the backward (GradScaler's way with fused optimizers)
-            on_device = self._agreement.on_device(self._buckets, self._ddp, present, found)
+            on_device = self._agreement.on_device(needs, present, found, device)
             skip = False
         else:
-            skip = self._agreement.skip(self._buckets, self._ddp, present, found)
+            skip = self._agreement.skip(needs, present, found, device)
         self._absent_on_device = None if on_device is None else on_device[1]
-        for b, bp in zip(self._buckets, present):
-            b.stepped = list(bp)  # on the device path: this rank's (``zero_grad`` agrees)
-        if skip:
-            self._skipped_on_host += 1
-            self._after_step()
-            if self.comm.global_rank == 0:
-                logger.warning(
-                    "ShardedAdamW: non-finite gradient, step skipped on every rank "
-                    "(%d skipped so far)",
-                    self.skipped_steps,
-                )
-            return loss
-        with self._state_lock():  # a state_dict() being served finishes first
-            if self._server is not None:
-                self._server.updates_started += 1
-        self._update_and_gather(present, on_device)
-        self._after_step()
-        return loss
+        return skip, on_device
 
     @property
     def skipped_steps(self) -> int:
@@ -726,7 +685,7 @@ class ShardedAdamW(Optimizer):
         for b in order:
             b.sync_masters()
             if b.group["amsgrad"] and b.max_exp_avg_sq is None:
-                b.max_exp_avg_sq = b._zeros(b.layout.shard_numel)
+                b.max_exp_avg_sq = b.state_zeros(b.layout.shard_numel)
         for group, run, uniform in self._runs(order, bp_of):
             with record_function("sharded_adamw.update"):
                 if uniform:
@@ -807,27 +766,6 @@ class ShardedAdamW(Optimizer):
                 update([i], torch.maximum(found_inf, absent[i]))
         b.advanced(present)
 
-    def _after_step(self) -> None:
-        """A step consumes the averaged gradient: the next backward starts the shards afresh,
-        whether or not ``opt.zero_grad()`` is called (training loops such as HF ``Trainer``
-        call ``model.zero_grad()``, which cannot reach the shards). Unlike ``p.grad`` under
-        torch AdamW, the sharded gradient never carries over from one step to the next."""
-        self._reduced = False
-        self._clear_grads()
-        self._last_stats = self.comm.reset_stats()
-
-    def _clear_grads(self) -> None:
-        for bucket in self._buckets:
-            bucket.has_grad = False
-            bucket.present = [False] * len(bucket.params)
-            bucket.reduced = [False] * len(bucket.params)
-
-    def _wait_pending(self) -> None:
-        """Wait for (and deliver) every reduction in flight."""
-        for handle in self._pending:
-            handle.wait()
-        self._pending.clear()
-
     def sync_params(self) -> None:
         """Wait for the parameter all-gathers still in flight (``overlap_param_gather``).
 
@@ -842,26 +780,10 @@ class ShardedAdamW(Optimizer):
         flight, which belong to the discarded batch; not for parameter all-gathers: it reads
         no parameter, and the usual ``step(); zero_grad()`` would otherwise wait for them
         before the forward they should hide behind."""
-        self._wait_pending()
+        self._reducer.wait()
         super().zero_grad(set_to_none=set_to_none)
-        if not set_to_none and self._absent_on_device is not None:
-            # fused, agreed on the device: which parameters stepped is read back here (a
-            # sync, in this rarely used form only)
-            absent, k = self._absent_on_device.tolist(), 0
-            for b in self._buckets:
-                b.stepped = [a == 0.0 for a in absent[k : k + len(b.params)]]
-                k += len(b.params)
+        self._reducer.zero_grad(set_to_none, self._absent_on_device)
         self._absent_on_device = None
-        for b in self._buckets:
-            if set_to_none:
-                b.kept = [False] * len(b.params)
-            else:  # torch keeps every gradient that exists, zeroed
-                b.kept = [
-                    k or s or r or p.grad is not None
-                    for k, s, r, p in zip(b.kept, b.stepped, b.present, b.params)
-                ]
-            b.stepped = [False] * len(b.params)
-        self._clear_grads()
 
     # ---- state dicts -------------------------------------------------------------------------
 
@@ -986,7 +908,7 @@ class ShardedAdamW(Optimizer):
                     g[k] = v
         for b in self._buckets:
             if b.group["amsgrad"] and b.max_exp_avg_sq is None:
-                b.max_exp_avg_sq = b._zeros(b.layout.shard_numel)
+                b.max_exp_avg_sq = b.state_zeros(b.layout.shard_numel)
             b.load_steps([float(entries.get(p, {}).get("step", 0)) for p in b.params])
             for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
                 entry = entries.get(p, {})

@@ -135,6 +135,11 @@ class ParamGather:
         if not self.overlap:
             self.wait_all()
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether some all-gather launched by the last step is still unwaited."""
+        return bool(self._pending)
+
     def wait_all(self) -> None:
         """Wait for every all-gather in flight (``ShardedAdamW.sync_params``)."""
         if self._pending:

@@ -3,7 +3,7 @@
 AdamW is elementwise, so running ``torch.optim.adam.adam`` on a flat slice that cuts through
 parameters gives the same bits as running it on the whole parameters, provided the gradient has
 the same bits, the step count and hyperparameters are the same, and the same implementation
-family (for-loop, foreach or fused) runs on both sides (see NOTES.md). Delegating keeps us
+family (for-loop, foreach or fused) runs on both sides (docs/numerics.md). Delegating keeps us
 exact and lets us inherit torch's fixes.
 
 Older torch (2.6 among them) keeps AdamW in its own function, ``torch.optim.adamw.adamw``;

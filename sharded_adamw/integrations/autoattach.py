@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core import registry
-from .ddp import attach
 
 if TYPE_CHECKING:
     from ..core.optimizer import ShardedAdamW
@@ -30,7 +29,7 @@ _models: weakref.WeakSet = weakref.WeakSet()
 def _pair(opt: "ShardedAdamW", model: DistributedDataParallel) -> None:
     """Attach ``opt`` to ``model`` if it optimizes exactly the model's trainable parameters;
     warn if they only overlap (or the attach is refused)."""
-    if opt._ddp is not None or getattr(opt, "_ddp_warned", False):
+    if opt.attached_model is not None or getattr(opt, "_ddp_warned", False):
         return
     opt.build_deferred()
     trainable = {id(p) for p in model.parameters() if p.requires_grad and p.numel() > 0}
@@ -39,7 +38,7 @@ def _pair(opt: "ShardedAdamW", model: DistributedDataParallel) -> None:
         return
     if trainable == mine:
         try:
-            attach(opt, model)
+            opt.attach(model)
             logger.info(
                 "ShardedAdamW: attached to the DistributedDataParallel model over its "
                 "parameters (%d tensors)",
