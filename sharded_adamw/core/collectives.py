@@ -136,7 +136,6 @@ class Comm:
         self.force_nccl_path = os.environ.get("SHARDED_ADAMW_DATA_PATH", "") == "nccl"
         self.stats = CommStats()
 
-    @property
     def check_still_alone(self) -> None:
         """Raise if this ``Comm`` resolved to a single process but a process group of several
         ranks exists now (built after the optimizer): every rank would silently train its own
@@ -153,6 +152,7 @@ class Comm:
                 "own on purpose, pass process_group=dist.new_group([rank]) for each rank)"
             )
 
+    @property
     def distributed(self) -> bool:
         return self.shard_group is not None
 

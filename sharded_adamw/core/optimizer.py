@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 from torch.optim.optimizer import _to_scalar
 
@@ -40,7 +39,7 @@ from .param_gather import ParamGather
 from .reducer import HookReducer, Reducer
 from .registry import live_optimizers, optimizer_built
 from .state_server import StateServer, state_entries
-from .update import adamw_update
+from .update import Run, Steps, plan_runs, update_run
 
 logger = logging.getLogger("sharded_adamw")
 
@@ -546,10 +545,10 @@ class ShardedAdamW(Optimizer):
                     self.skipped_steps,
                 )
         else:
-            with self._state_lock():  # a state_dict() being served finishes first
-                if self._server is not None:
-                    self._server.updates_started += 1
-            self._update_and_gather(present, on_device)  # 3 and 4
+            for run in self._plan(present, on_device):
+                update_run(run)  # 3
+                self._gather.launch(run.buckets)  # 4
+            self._gather.finish()
         self._reducer.consumed(present)
         self._last_stats = self.comm.reset_stats()
         return loss
@@ -642,129 +641,38 @@ class ShardedAdamW(Optimizer):
     def skipped_steps(self, n: int) -> None:
         self._skipped_on_host, self._skipped_on_device = n, None
 
-    def _update_and_gather(
-        self,
-        present: list[list[bool]],
-        on_device: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-    ) -> None:
-        """AdamW in place on every owned shard that has a gradient, and the all-gather of those
-        buckets: run by run in forward order (``ParamGather``), each run's all-gathers launched
-        as soon as it is updated, so that they travel while the next run updates.
-
-        A run (``_runs``) is one call of torch's implementation over consecutive buckets of a param
-        group whose parameters all step from one count (each bucket's ``steps[0]`` stands for its
-        parameters; the other step tensors follow in one add). Runs stay small: foreach AdamW
-        allocates temporaries as large as its input (``exp_avg_sq.sqrt()``), so one call over every
-        shard would add a state-sized buffer to the peak. A bucket where some parameter had no
-        gradient on any rank, or whose counts differ (a partial load), is a run of its own over the
-        owned parts of the parameters that step; so is every bucket of a fused group (``_runs``).
-        AdamW is elementwise and the bias corrections depend on the count alone, so either way the
-        bits are those of ``torch.optim.AdamW``. Low-precision parameters are updated in their fp32
-        masters, then rounded into the shards.
-
-        ``on_device`` (fused only, ``StepAgreement.on_device``): the agreed flags, never read
-        here. The skip flag goes to fused AdamW as ``found_inf`` (1.0 skips every update, step
-        counts included, as with GradScaler's flag); a parameter without a gradient here, but
-        perhaps on another rank, steps in a call of its own whose ``found_inf`` is set where no
-        rank had one. Fused runs are never uniform, so every fused call sees that flag."""
+    def _plan(
+        self, present: list[list[bool]], on_device: tuple[torch.Tensor, torch.Tensor | None] | None
+    ) -> Iterator[Run]:
+        """Step 3's runs (``update.plan_runs``), in forward order (``ParamGather.begin``): the
+        buckets where some parameter steps, their masters re-seeded from parameters written
+        since the last step. ``on_device`` (fused only, ``StepAgreement.on_device``): the
+        agreed flags, never read here; the skip flag goes to fused AdamW as ``found_inf``,
+        and the steps it skips are counted on the device."""
+        with self._state_lock():  # a state_dict() being served finishes first
+            if self._server is not None:
+                self._server.updates_started += 1
         found_inf, absent = on_device or (None, None)
         if found_inf is not None:
             if self._skipped_on_device is None:
                 self._skipped_on_device = torch.zeros((), device=found_inf.device)
             self._skipped_on_device += found_inf
-        bp_of = dict(zip(self._buckets, present))
-        absent_of, k = {}, 0
-        for b in self._buckets:  # each bucket's part of the agreed flags, in bucket order
-            absent_of[b] = None if absent is None else absent[k : k + len(b.params)]
-            k += len(b.params)
+        steps: dict[ShardBucket, Steps] = {}
+        k = 0
+        for b, bp in zip(self._buckets, present):  # each bucket's part of the agreed flags
+            n = len(b.params)
+            steps[b] = Steps(bp, found_inf, None if absent is None else absent[k : k + n])
+            k += n
         order = [
             b
             for b in self._gather.begin(self._object_device)
-            if any(bp_of[b]) or absent is not None  # another rank may have had a gradient
+            if any(steps[b].present) or absent is not None  # another rank may have had one
         ]
         for b in order:
             b.sync_masters()
             if b.group["amsgrad"] and b.max_exp_avg_sq is None:
                 b.max_exp_avg_sq = b.state_zeros(b.layout.shard_numel)
-        for group, run, uniform in self._runs(order, bp_of):
-            with record_function("sharded_adamw.update"):
-                if uniform:
-                    torch._foreach_add_([b.other_steps for b in run], 1)
-                    adamw_update(
-                        [b.shard if b.master is None else b.master for b in run],
-                        [b.grad for b in run],
-                        [b.exp_avg for b in run],
-                        [b.exp_avg_sq for b in run],
-                        [b.max_exp_avg_sq for b in run] if group["amsgrad"] else [],
-                        [b.first_step for b in run],
-                        group,
-                    )
-                    for b in run:
-                        b.advanced(b.present_all)
-                else:
-                    self._update_some(run[0], bp_of[run[0]], found_inf, absent_of[run[0]])
-                masters = [b for b in run if b.master is not None]
-                if masters:
-                    torch._foreach_copy_([b.shard for b in masters], [b.master for b in masters])
-            self._gather.launch(run)
-        self._gather.finish()
-
-    def _runs(
-        self, order: list[ShardBucket], present: dict
-    ) -> Iterator[tuple[dict, list[ShardBucket], bool]]:
-        """``(group, buckets, uniform)``: ``order`` cut into the runs of ``_update_and_gather``,
-        at least one bucket each and at most a quarter of a bucket cap of shard bytes beyond
-        that: a run's all-gathers start only once the whole run is updated, so big buckets
-        go one at a time, while small ones still share one call."""
-        limit = self._bucket_cap_bytes // 4
-        run: list[ShardBucket] = []
-        used, key = 0, None
-        for b in order:
-            # fused AdamW's CPU kernel gives a tensor's tail (past its last full vector)
-            # other bits than its body: it runs on each parameter's owned part, whose tail is
-            # the parameter's own (owned parts start at multiples of the alignment)
-            uniform = not b.group["fused"] and b.uniform(present[b])
-            size = b.layout.shard_numel * b.exp_avg.element_size()
-            if run and ((id(b.group), uniform) != key or not uniform or used + size > limit):
-                yield run[0].group, run, key[1]
-                run, used = [], 0
-            run.append(b)
-            used += size
-            key = (id(b.group), uniform)
-        if run:
-            yield run[0].group, run, key[1]
-
-    @staticmethod
-    def _update_some(
-        b: ShardBucket,
-        present: list[bool],
-        found_inf: torch.Tensor | None = None,
-        absent: torch.Tensor | None = None,
-    ) -> None:
-        """AdamW on the owned parts of the parameters of ``b`` that step: one call over those
-        present in ``present``; with ``absent`` (fused, agreed on the device), one call per
-        other parameter, skipped on the device where no rank had a gradient."""
-
-        def update(idx: list[int], skip: torch.Tensor | None) -> None:
-            cut = lambda t: [b.owned(t, i) for i in idx]  # noqa: E731
-            adamw_update(
-                cut(b.shard if b.master is None else b.master),
-                cut(b.grad),
-                cut(b.exp_avg),
-                cut(b.exp_avg_sq),
-                cut(b.max_exp_avg_sq) if b.group["amsgrad"] else [],
-                [b.steps[i] for i in idx],
-                b.group,
-                found_inf=skip,
-            )
-
-        idx = [i for i, ok in enumerate(present) if ok]
-        if idx:
-            update(idx, found_inf)
-        if absent is not None:
-            for i in (i for i, ok in enumerate(present) if not ok):
-                update([i], torch.maximum(found_inf, absent[i]))
-        b.advanced(present)
+        return plan_runs(order, steps, self._bucket_cap_bytes // 4)
 
     def sync_params(self) -> None:
         """Wait for the parameter all-gathers still in flight (``overlap_param_gather``).

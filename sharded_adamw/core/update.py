@@ -1,4 +1,5 @@
-"""The AdamW update on flat local tensors, computed by torch's own implementation.
+"""The AdamW update on flat local tensors, computed by torch's own implementation, and the
+runs of buckets each call covers.
 
 AdamW is elementwise, so running ``torch.optim.adam.adam`` on a flat slice that cuts through
 parameters gives the same bits as running it on the whole parameters, provided the gradient has
@@ -15,9 +16,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.optim.adam import adam
+
+from .bucket import ShardBucket
 
 if "decoupled_weight_decay" in inspect.signature(adam).parameters:
     _adamw = functools.partial(adam, decoupled_weight_decay=True)
@@ -60,3 +66,107 @@ def adamw_update(
         eps=group["eps"],
         maximize=group["maximize"],
     )
+
+
+class Steps(NamedTuple):
+    """Which parameters of one bucket step, as agreed: ``present``, one flag per parameter;
+    on the fused device path also ``found_inf`` (1.0: skip the whole step) and ``absent``
+    (1.0 per parameter that no rank had a gradient for), tensors never read on the host."""
+
+    present: list[bool]
+    found_inf: torch.Tensor | None = None
+    absent: torch.Tensor | None = None
+
+
+class Run(NamedTuple):
+    """Consecutive buckets of one param group updated by one call of torch's AdamW."""
+
+    group: dict
+    buckets: list[ShardBucket]
+    uniform: bool  # every parameter steps, from one count: one step tensor per bucket
+    steps: Steps  # the first bucket's (a run that is not uniform has one bucket)
+
+
+def plan_runs(
+    order: list[ShardBucket], steps: dict[ShardBucket, Steps], limit: int
+) -> Iterator[Run]:
+    """``order`` cut into runs of at least one bucket and at most ``limit`` bytes of shard
+    beyond that: a run's all-gathers start only once the whole run is updated, so big
+    buckets go one at a time, while small ones still share one call.
+
+    A run is one call over consecutive buckets of a param group whose parameters all step
+    from one count (each bucket's ``steps[0]`` stands for its parameters; the other step
+    tensors follow in one add). Runs stay small: foreach AdamW allocates temporaries as large
+    as its input (``exp_avg_sq.sqrt()``), so one call over every shard would add a
+    state-sized buffer to the peak. A bucket where some parameter had no gradient on any
+    rank, or whose counts differ (a partial load), is a run of its own over the owned parts
+    of the parameters that step; so is every bucket of a fused group: fused AdamW's CPU
+    kernel gives a tensor's tail (past its last full vector) other bits than its body, so it
+    runs on each parameter's owned part, whose tail is the parameter's own (owned parts start
+    at multiples of the alignment). AdamW is elementwise and the bias corrections depend on
+    the count alone, so either way the bits are those of ``torch.optim.AdamW``."""
+    run: list[ShardBucket] = []
+    used, key = 0, None
+    for b in order:
+        uniform = not b.group["fused"] and b.uniform(steps[b].present)
+        size = b.layout.shard_numel * b.exp_avg.element_size()
+        if run and ((id(b.group), uniform) != key or not uniform or used + size > limit):
+            yield Run(run[0].group, run, key[1], steps[run[0]])
+            run, used = [], 0
+        run.append(b)
+        used += size
+        key = (id(b.group), uniform)
+    if run:
+        yield Run(run[0].group, run, key[1], steps[run[0]])
+
+
+def update_run(run: Run) -> None:
+    """AdamW in place on the owned shards of ``run``; low-precision parameters are updated in
+    their fp32 masters, then rounded into the shards."""
+    group, buckets = run.group, run.buckets
+    with record_function("sharded_adamw.update"):
+        if run.uniform:
+            torch._foreach_add_([b.other_steps for b in buckets], 1)
+            adamw_update(
+                [b.shard if b.master is None else b.master for b in buckets],
+                [b.grad for b in buckets],
+                [b.exp_avg for b in buckets],
+                [b.exp_avg_sq for b in buckets],
+                [b.max_exp_avg_sq for b in buckets] if group["amsgrad"] else [],
+                [b.first_step for b in buckets],
+                group,
+            )
+            for b in buckets:
+                b.advanced(b.present_all)
+        else:
+            _update_some(buckets[0], run.steps)
+        masters = [b for b in buckets if b.master is not None]
+        if masters:
+            torch._foreach_copy_([b.shard for b in masters], [b.master for b in masters])
+
+
+def _update_some(b: ShardBucket, steps: Steps) -> None:
+    """AdamW on the owned parts of the parameters of ``b`` that step: one call over those
+    present; with ``absent`` (fused, agreed on the device), one call per other parameter,
+    skipped on the device where no rank had a gradient."""
+
+    def update(idx: list[int], skip: torch.Tensor | None) -> None:
+        cut = lambda t: [b.owned(t, i) for i in idx]  # noqa: E731
+        adamw_update(
+            cut(b.shard if b.master is None else b.master),
+            cut(b.grad),
+            cut(b.exp_avg),
+            cut(b.exp_avg_sq),
+            cut(b.max_exp_avg_sq) if b.group["amsgrad"] else [],
+            [b.steps[i] for i in idx],
+            b.group,
+            found_inf=skip,
+        )
+
+    idx = [i for i, ok in enumerate(steps.present) if ok]
+    if idx:
+        update(idx, steps.found_inf)
+    if steps.absent is not None:
+        for i in (i for i, ok in enumerate(steps.present) if not ok):
+            update([i], torch.maximum(steps.found_inf, steps.absent[i]))
+    b.advanced(steps.present)
