@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from sharded_adamw import ShardedAdamW
-from sharded_adamw.core import optimizer as optimizer_module
+from sharded_adamw.core import update as update_module
 from sharded_adamw.core.update import adamw_update
 
 from . import distributed
@@ -263,7 +263,7 @@ def test_load_state_dict_keeps_how_this_optimizer_runs_and_where_its_steps_live(
         seen.append((group["fused"], {s.device for s in steps}))
         adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group, **kw)
 
-    monkeypatch.setattr(optimizer_module, "adamw_update", observed)
+    monkeypatch.setattr(update_module, "adamw_update", observed)
     # the reference goes on from the same state with this optimizer's runtime keys
     for g, mine in zip(ref_opt.param_groups, built):
         g.update(mine)
