@@ -30,6 +30,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _to_scalar
 
+from . import param_grads
 from .agreement import StepAgreement, check_finite
 from .bucket import LOW_PRECISION, ShardBucket, as_real, real_dtype
 from .clipping import scale_by_norm, total_norm
@@ -515,6 +516,35 @@ class ShardedAdamW(Optimizer):
         norm = total_norm(self, norm_type, error_if_nonfinite)
         scale_by_norm(self, max_norm, norm)
         return norm
+
+    def grad_norms(
+        self,
+        params: Iterable[torch.Tensor] | None = None,
+        norm_type: float = 2.0,
+        unitwise: bool = False,
+    ) -> list[torch.Tensor]:
+        """The norm of each parameter's averaged gradient (default: every parameter this
+        optimizer owns, in ``owned_params()`` order), as ``p.grad.norm(norm_type)`` would be
+        under ``torch.optim.AdamW``; ``unitwise``: per output row for ``ndim > 1`` (adaptive
+        gradient clipping's ``unitwise_norm``). Collective: every rank must call it, with the
+        same parameters (see ``param_grads``)."""
+        params = self.owned_params() if params is None else list(params)
+        return param_grads.grad_norms(self, params, norm_type, unitwise)
+
+    def scale_grads_(
+        self, params: Iterable[torch.Tensor], factors: Iterable[torch.Tensor | float]
+    ) -> None:
+        """Multiply each parameter's averaged gradient by its factor (a scalar, or one per
+        output row shaped like ``grad_norms(..., unitwise=True)``'s result): what
+        ``p.grad.mul_(factor)`` does under ``torch.optim.AdamW``."""
+        param_grads.scale_grads_(self, list(params), list(factors))
+
+    def full_grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Parameter ``p``'s whole averaged gradient (a new tensor shaped like ``p``), what
+        ``p.grad`` holds after backward under DDP + ``torch.optim.AdamW``; None where its
+        bucket got no gradient this step. Collective: one all-reduce of ``p``'s size, which
+        every rank must call for the same parameters in the same order."""
+        return param_grads.full_grad(self, p)
 
     # ---- the step ---------------------------------------------------------------------------
 
