@@ -260,7 +260,7 @@ def test_estimate_prints_memory_and_communication_tables(capsys):
     assert "| DDP + torch AdamW | 13.04 GiB | 26.08 GiB | 78.23 GiB | 117.35 GiB | 18.000 |" in out
     assert "| ShardedAdamW standalone (ZeRO-2, 8-way) |" in out and "| 4.000 | 0.222x |" in out
     assert "| ShardedAdamW attached to DDP (ZeRO-1, 8-way) |" in out
-    assert "split evenly over --num-tensors" in out
+    assert "Assumed a decoder-only transformer" in out and "291 tensors" in out
     assert "| DDP all-reduce over 8 ranks |" in out and "| ShardedAdamW flat, 8-way |" in out
 
 

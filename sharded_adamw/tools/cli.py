@@ -1,6 +1,9 @@
 """``sharded-adamw``: estimate memory and communication, verify against DDP + AdamW, report.
 
-- ``estimate``: arithmetic only (``estimate.py``), no processes.
+- ``estimate``: arithmetic only (``estimate.py``), no processes. The tensors come from the
+  user's model (``--model package.module:factory`` or ``--hf-config config.json``, built on the
+  meta device, so nothing is allocated) or, from a count alone (``--params``), from the
+  decoder-only transformer ``estimate.transformer_split`` assumes.
 - ``verify``: trains a small model with DDP + ShardedAdamW and with DDP + torch.optim.AdamW
   from the same weights on the same data, and compares them parameter by parameter.
 - ``report``: trains a small model a few steps and prints ``report(opt)``.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -29,7 +33,14 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..core.optimizer import ShardedAdamW
-from .estimate import DTYPE_BYTES, format_bytes, markdown_table, render_estimate
+from .estimate import (
+    DTYPE_BYTES,
+    TensorSpec,
+    format_bytes,
+    markdown_table,
+    model_tensors,
+    render_estimate,
+)
 
 SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 VOCAB = 37
@@ -88,6 +99,113 @@ def bandwidth(text: str) -> float:
 positive = _at_least(1)
 
 
+def factory_spec(text: str) -> str:
+    """``package.module:factory``: a module to import and a callable in it (``factory`` may
+    be dotted, ``module:Class.build``)."""
+    module, sep, attr = text.strip().partition(":")
+    dotted = lambda name: all(part.isidentifier() for part in name.split("."))  # noqa: E731
+    if not sep or not dotted(module) or not dotted(attr):
+        raise argparse.ArgumentTypeError(
+            "expected package.module:factory (a module to import, a colon, and a function in "
+            f"it that returns the model or its param groups), got {text!r}"
+        )
+    return text.strip()
+
+
+# ---- the model behind --model and --hf-config ------------------------------------------------
+
+
+class ModelError(Exception):
+    """``--model`` or ``--hf-config`` gives no tensors; the message names the problem."""
+
+
+def build_on_meta(factory: Callable[[], object], what: str) -> object:
+    """``factory()`` under ``torch.device("meta")``: the tensors it creates without an explicit
+    device have shapes and dtypes but no storage, so sizing a 70B model costs no memory."""
+    try:
+        with torch.device("meta"):
+            return factory()
+    except Exception as e:
+        raise ModelError(
+            f"{what} raised {type(e).__name__}: {e} (it runs on the meta device, where tensors "
+            "have no data: a factory that loads weights or computes with its parameters "
+            "cannot; build the model from its config instead)"
+        ) from e
+
+
+def load_factory(spec: str) -> Callable[[], object]:
+    """Import ``package.module`` of ``package.module:factory`` (the working directory first
+    on the path, as ``python -m`` has it) and return its ``factory``."""
+    module_name, _, attr = factory_spec(spec).partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelError(f"cannot import module {module_name!r}: {e}") from e
+    except Exception as e:
+        raise ModelError(f"importing {module_name!r} raised {type(e).__name__}: {e}") from e
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    obj: object = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelError(f"{spec} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def hf_model(path: str) -> nn.Module:
+    """The model of a local Hugging Face ``config.json`` (or a folder holding one), built on
+    the meta device: ``AutoModelForCausalLM`` for a causal LM, else ``AutoModel``. Imports
+    transformers only here."""
+    if not os.path.exists(path):
+        raise ModelError(f"no such file or folder: {path!r}")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"folder {path!r} has no config.json")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelError(f"needs transformers (pip install transformers): {e}") from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ModelError(
+            f"cannot read {path!r} as a Hugging Face config: {type(e).__name__}: {e}"
+        ) from e
+    causal = type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    return build_on_meta(lambda: auto.from_config(config), f"{auto.__name__}.from_config")
+
+
+def load_tensors(
+    model: str | None = None, hf_config: str | None = None, dtype: str | None = None
+) -> tuple[list[TensorSpec], str]:
+    """The tensors of ``--model`` (a factory spec) or ``--hf-config`` (a path), and a few
+    words on where they came from. ``dtype`` casts them all (``None``: the model's own).
+    Raises ``ModelError`` naming the problem."""
+    if (model is None) == (hf_config is None):
+        raise ValueError("give exactly one of model and hf_config")
+    if model is not None:
+        built, what = build_on_meta(load_factory(model), f"{model}()"), f"{model}()"
+    else:
+        built, what = hf_model(hf_config), hf_config
+    kind = type(built).__name__
+    try:
+        tensors = model_tensors(built, dtype)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{what} returned an object of type {kind}: {e}") from e
+    if not any(t.trainable and t.numel for t in tensors):
+        raise ModelError(f"{what} returned a {kind} without trainable parameters")
+    how = f"cast to {dtype} by --dtype" if dtype else "dtypes as built; --dtype casts them"
+    return tensors, f"{what} ({kind}, {how})"
+
+
 # ---- the parser -------------------------------------------------------------------------------
 
 
@@ -107,13 +225,33 @@ def build_parser() -> argparse.ArgumentParser:
         "weights) of DDP + torch AdamW, ShardedAdamW attached to DDP (ZeRO-1) and "
         "ShardedAdamW standalone (ZeRO-2), and the bytes each rank sends per step with a "
         "lower bound on the time for DDP, flat and hybrid sharding. Pure arithmetic; the "
-        "model behind it is described in sharded_adamw/estimate.py.",
+        "model behind it is described in sharded_adamw/tools/estimate.py. The tensors "
+        "(their sizes set the buckets, the padding and the peak) come from your model "
+        "(--model, --hf-config; built on the meta device, nothing allocated) or, from a "
+        "count alone (--params), from an assumed decoder-only transformer, which is printed.",
     )
-    est.add_argument(
+    source = est.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--params",
         type=parameter_count,
-        required=True,
-        help="number of trainable parameters, e.g. 7e9, 7B or 350M",
+        help="number of trainable parameters, e.g. 7e9, 7B or 350M; the tensors are those of "
+        "a LLaMA-style decoder of about that size (the split is printed) unless --num-tensors",
+    )
+    source.add_argument(
+        "--model",
+        type=factory_spec,
+        metavar="MODULE:FACTORY",
+        help="import MODULE and call FACTORY() on the meta device; it returns your model (an "
+        "nn.Module) or what you give ShardedAdamW (an iterable of parameters, a list of param "
+        "groups). Its tensors are used as they are: shapes, dtypes, requires_grad (frozen "
+        "ones get no gradient or state) and groups (bucketed apart)",
+    )
+    source.add_argument(
+        "--hf-config",
+        metavar="CONFIG_JSON",
+        help="a local Hugging Face config.json (or its folder): the model "
+        "AutoModelForCausalLM.from_config builds from it (AutoModel if not a causal LM), on "
+        "the meta device; needs transformers",
     )
     est.add_argument(
         "--world-size", type=positive, required=True, help="data-parallel ranks (GPUs) in all"
@@ -121,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument(
         "--dtype",
         choices=sorted(DTYPE_BYTES),
-        default="fp32",
-        help="parameter dtype; bf16/fp16 keep fp32 master weights and state (default: %(default)s)",
+        default=None,
+        help="parameter dtype; bf16/fp16 keep fp32 master weights and state (default: fp32 "
+        "with --params; with --model or --hf-config each tensor's own dtype, which --dtype "
+        "replaces, as model.to(dtype) would)",
     )
     est.add_argument(
         "--reduce-dtype",
@@ -134,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument(
         "--num-tensors",
         type=positive,
-        default=1,
-        help="number of parameter tensors (default: %(default)s); the parameters are "
-        "split evenly over them and padding is computed exactly for that split",
+        default=None,
+        help="with --params: split the parameters evenly over this many tensors instead of "
+        "the assumed transformer's (padding is exact for that split)",
     )
     est.add_argument(
         "--replicas",
@@ -233,7 +373,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"argument --replicas: {args.replicas} does not divide "
                 f"--world-size {args.world_size}"
             )
-        if args.num_tensors > args.params:
+        if args.num_tensors is not None and args.params is None:
+            given = "--model" if args.model else "--hf-config"
+            args.subparser.error(
+                f"argument --num-tensors: only with --params ({given} gives the model's own "
+                "tensors)"
+            )
+        if args.num_tensors is not None and args.num_tensors > args.params:
             args.subparser.error(
                 f"argument --num-tensors: {args.num_tensors:,} tensors cannot hold "
                 f"--params {args.params:,} (each needs at least one element)"
@@ -452,12 +598,21 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``sharded-adamw`` command line; returns the exit status."""
     args = parse_args(argv)
     if args.command == "estimate":
+        tensors, source = None, ""
+        if args.params is None:
+            try:
+                tensors, source = load_tensors(args.model, args.hf_config, args.dtype)
+            except ModelError as e:
+                flag = "--model" if args.model else "--hf-config"
+                args.subparser.error(f"argument {flag}: {e}")
         print(
             render_estimate(
                 args.params,
                 args.world_size,
                 args.dtype,
                 num_tensors=args.num_tensors,
+                tensors=tensors,
+                source=source,
                 replicas=args.replicas,
                 gpus_per_node=args.gpus_per_node,
                 intra_gbps=args.intra_bw,

@@ -4,16 +4,32 @@ Nothing here starts a process, runs a collective or allocates a tensor: the numb
 the tensor sizes, the dtype and the mesh, so a user can size a job before having the hardware,
 and tests can check the library's own counters against them.
 
-Sizes are given as ``{numel: count}`` (or any iterable of numels). ``even_split(P, N)`` gives
-``N`` tensors holding ``P`` elements as evenly as possible, for when only totals are known.
+Tensors are given in one of two forms:
+
+- ``{numel: count}`` (or any iterable of numels), all of the estimate's ``dtype``, one param
+  group, bucketed in the order given. ``even_split(P, N)`` gives ``N`` tensors holding ``P``
+  elements as evenly as possible, for when only totals are known.
+- a sequence of ``TensorSpec`` (numel, dtype, param group, trainable) in the model's
+  registration order, as ``model_tensors(model)`` reads them from a model or its param groups
+  (built on the meta device, so nothing is allocated) and ``TransformerShape.tensors()`` gives
+  them for an assumed decoder-only transformer of about ``P`` parameters
+  (``transformer_split``). These are bucketed as ``ShardedAdamW`` buckets them: frozen and
+  empty tensors left out (the optimizer defers them), each param group on its own, its
+  tensors in backward order (last registered first), a new bucket wherever the dtype changes.
+  Frozen tensors still count in the ``params`` column (every rank holds them); per-parameter
+  figures are per trainable parameter.
+
+The split matters for the peak: one tensor of ``P`` elements is one bucket in flight, the whole
+model, where a real model's largest bucket is a few hundred MiB.
 
 Memory model: bytes each rank holds between steps (after ``step()``, gradients still
 present), one row per setup. ``d`` is the number of ranks a tensor is sharded over
-(``world_size / replicas``); every bucket of the optimizer (``layout.plan_buckets``, tensors
-in the order given, the default bucket cap) is padded to a multiple of ``d``, as in our layout.
+(``world_size / replicas``); every bucket of the optimizer (``layout.plan_buckets``, the
+default bucket cap, counted in the reduce dtype) is padded to a multiple of ``d``, as in our
+layout.
 
 - ``ddp``: DDP + ``torch.optim.AdamW``, nothing sharded. fp32: 4 param + 4 grad + 8 state =
-  16 B per parameter. bf16/fp16: NOTES.md's row "bf16 / fp32 main grads, fp32 master": 2 param
+  16 B per parameter. bf16/fp16 ("bf16 / fp32 main grads, fp32 master"): 2 param
   + 4 fp32 main grad + 4 fp32 master + 8 fp32 state = 18 B (the usual mixed-precision recipe;
   ``torch.optim.AdamW`` alone on a bf16 model would keep bf16 state instead).
 - ``attached``: ShardedAdamW attached to DDP (ZeRO-1). DDP keeps its bucket buffers, one
@@ -35,7 +51,7 @@ both optimizers), DDP's bucket buffers in the ``ddp`` row (counted as if
 activations, and transient communication buffers.
 
 Peak model (``estimate_peak``): the most bytes live at once during a step, above the bare model
-(parameters not counted), which is what ``sharded-adamw bench --peak-memory`` measures. Every
+(parameters not counted), which is what ``python -m benchmarks --peak-memory`` measures. Every
 buffer it counts is named in its ``parts``:
 
 - ``ddp`` (DDP with its default flags + ``torch.optim.AdamW``, foreach as on CUDA): ``p.grad``,
@@ -84,16 +100,45 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..core.layout import align_elements, plan_buckets
+import torch
+
+from ..core.layout import BucketLayout, align_elements, plan_buckets
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 LOW_PRECISION = ("bf16", "fp16")  # kept with fp32 master weights and fp32 state
 STEP_FLAG_BYTES = 4  # one float32 per flag in the step's all-reduce of flags
+# torch's floating dtypes by name; a complex dtype is stepped as its real view (2 numbers each)
+TORCH_DTYPES = {
+    torch.float64: ("fp64", 1),
+    torch.float32: ("fp32", 1),
+    torch.bfloat16: ("bf16", 1),
+    torch.float16: ("fp16", 1),
+    torch.complex128: ("fp64", 2),
+    torch.complex64: ("fp32", 2),
+    torch.complex32: ("fp16", 2),
+}
 
-Sizes = Mapping[int, int] | Iterable[int]
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One parameter tensor, as much of it as the estimate needs.
+
+    ``dtype``: its dtype's name (``DTYPE_BYTES``), or ``None`` for the estimate's own
+    ``dtype``. ``group``: the index of its param group (groups are bucketed apart).
+    ``trainable``: its ``requires_grad``; ShardedAdamW defers a frozen tensor (no bucket,
+    gradient or state), but every rank holds it. ``name`` only labels it."""
+
+    numel: int
+    dtype: str | None = None
+    group: int = 0
+    trainable: bool = True
+    name: str = ""
+
+
+Sizes = Mapping[int, int] | Iterable[int] | Sequence[TensorSpec]
 
 
 def even_split(params: int, num_tensors: int = 1) -> dict[int, int]:
@@ -107,7 +152,7 @@ def even_split(params: int, num_tensors: int = 1) -> dict[int, int]:
     return {n: c for n, c in ((q + 1, r), (q, num_tensors - r)) if c}
 
 
-def _sizes(sizes: Sizes) -> dict[int, int]:
+def _sizes(sizes: Mapping[int, int] | Iterable[int]) -> dict[int, int]:
     out = dict(sizes) if isinstance(sizes, Mapping) else dict(Counter(sizes))
     if any(n < 0 or c < 0 for n, c in out.items()):
         raise ValueError(f"tensor sizes and counts must be >= 0, got {out}")
@@ -126,6 +171,16 @@ def update_dtype(dtype: str) -> str:
     return "fp32" if dtype in LOW_PRECISION else dtype
 
 
+def _update_bytes(dtype: str) -> int:
+    return DTYPE_BYTES[update_dtype(dtype)]
+
+
+def _state_bytes(dtype: str) -> int:
+    """AdamW state per element: exp_avg, exp_avg_sq and, below fp32, the fp32 master weight."""
+    ub = _update_bytes(dtype)
+    return 2 * ub + (ub if dtype in LOW_PRECISION else 0)
+
+
 def shard_size(world_size: int, replicas: int = 1) -> int:
     """Ranks each tensor is sharded over: the shard dimension of a ``replicas x shard`` mesh."""
     if world_size < 1:
@@ -137,12 +192,136 @@ def shard_size(world_size: int, replicas: int = 1) -> int:
     return world_size // replicas
 
 
+@dataclass(frozen=True)
+class _Tensors:
+    """Tensors with their dtypes resolved, and the order their buckets fill in."""
+
+    specs: tuple[TensorSpec, ...]
+    as_optimizer: bool  # per group, last registered first (ShardedAdamW); else as given
+
+
+def _tensors(sizes: Sizes | _Tensors, dtype: str) -> _Tensors:
+    """``sizes`` in one form: ``TensorSpec`` s bucketed as the optimizer does, or numels
+    (``{numel: count}`` or an iterable of numels) of ``dtype`` bucketed in the order given."""
+    if isinstance(sizes, _Tensors):
+        return sizes
+    _dtype_bytes(dtype)
+    if not isinstance(sizes, Mapping):
+        items = list(sizes)
+        if items and all(isinstance(t, TensorSpec) for t in items):
+            for t in items:
+                if t.numel < 0:
+                    raise ValueError(f"tensor sizes must be >= 0, got {t}")
+                _dtype_bytes(t.dtype or dtype)
+            resolved = tuple(
+                t if t.dtype else TensorSpec(t.numel, dtype, t.group, t.trainable, t.name)
+                for t in items
+            )
+            return _Tensors(resolved, True)
+        if any(isinstance(t, TensorSpec) for t in items):
+            raise TypeError("give tensors as numels or as TensorSpecs, not both")
+        if any(n < 0 for n in items):
+            raise ValueError(f"tensor sizes must be >= 0, got {items}")
+        return _Tensors(tuple(TensorSpec(n, dtype) for n in items), False)
+    counted = _sizes(sizes)
+    return _Tensors(
+        tuple(TensorSpec(n, dtype) for n, c in counted.items() for _ in range(c)), False
+    )
+
+
 def numel(sizes: Sizes) -> int:
-    """Total elements ``P``."""
-    return sum(n * c for n, c in _sizes(sizes).items())
+    """Total trainable elements ``P``."""
+    return sum(t.numel for t in _tensors(sizes, "fp32").specs if t.trainable)
 
 
 DEFAULT_CAP_BYTES = 25 * 2**20  # ShardedAdamW's default bucket_cap_mb
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The optimizer's buckets over some tensors at one shard size, and sums over them."""
+
+    tensors: tuple[TensorSpec, ...]  # trainable and non-empty, in bucket order
+    frozen_bytes: int  # held on every rank, never bucketed
+    buckets: tuple[BucketLayout, ...]  # key: (param group, dtype)
+    reduce_dtype: str | None
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def reduce_dtype_of(self, dtype: str) -> str:
+        """The dtype a ``dtype`` bucket's gradients are reduce-scattered in."""
+        return self.reduce_dtype or update_dtype(dtype)
+
+    def reduce_bytes(self, dtype: str) -> int:
+        """Bytes of an element of a ``dtype`` bucket's reduce-scatter."""
+        return DTYPE_BYTES[self.reduce_dtype_of(dtype)]
+
+    def over_tensors(self, per_element: Callable[[str], int]) -> int:
+        """Bytes of the full-size (unpadded) buffers, ``per_element`` bytes per element."""
+        return sum(t.numel * per_element(t.dtype) for t in self.tensors)
+
+    def over_buckets(self, per_element: Callable[[str], int], *, padded: bool = False) -> int:
+        """Bytes of every bucket's shard (or, ``padded``, its full buffer)."""
+        return sum(
+            (b.padded_numel if padded else b.shard_numel) * per_element(b.key[1])
+            for b in self.buckets
+        )
+
+    def largest_bucket(self, per_element: Callable[[str], int], *, padded: bool = True) -> int:
+        """Bytes of the largest bucket's buffer (or, not ``padded``, its shard)."""
+        return max(
+            (
+                (b.padded_numel if padded else b.shard_numel) * per_element(b.key[1])
+                for b in self.buckets
+            ),
+            default=0,
+        )
+
+
+def _plan(
+    sizes: Sizes | _Tensors,
+    dtype: str,
+    d: int,
+    *,
+    reduce_dtype: str | None = None,
+    cap_bytes: int = DEFAULT_CAP_BYTES,
+    device: str = "cuda",
+) -> _Plan:
+    """``layout.plan_buckets`` over the tensors as ``ShardedAdamW._build_buckets`` calls it:
+    the cap counted in the reduce dtype, every tensor and shard aligned for its dtype on
+    ``device``, a new bucket at every change of group or dtype."""
+    tensors = _tensors(sizes, dtype)
+    if reduce_dtype is not None:
+        _dtype_bytes(reduce_dtype)
+    live = [t for t in tensors.specs if t.trainable and t.numel]
+    if tensors.as_optimizer:  # each group in turn, its tensors in backward order
+        live = [t for g in sorted({t.group for t in live}) for t in live[::-1] if t.group == g]
+    frozen = sum(t.numel * DTYPE_BYTES[t.dtype] for t in tensors.specs if not t.trainable)
+    rb = lambda dt: DTYPE_BYTES[reduce_dtype or update_dtype(dt)]  # noqa: E731
+    order = [(i, (t.group, t.dtype), t.numel, rb(t.dtype)) for i, t in enumerate(live)]
+    align = lambda key: align_elements(device, DTYPE_BYTES[key[1]])  # noqa: E731
+    buckets = plan_buckets(order, d, 0, cap_bytes, align) if order else []
+    return _Plan(tuple(live), frozen, tuple(buckets), reduce_dtype)
+
+
+def bucket_layouts(
+    sizes: Sizes,
+    world_size: int,
+    dtype: str = "fp32",
+    *,
+    replicas: int = 1,
+    reduce_dtype: str | None = None,
+    bucket_cap_mb: float = 25.0,
+    device: str = "cuda",
+) -> list[BucketLayout]:
+    """The buckets every figure here sums over: those ShardedAdamW plans over these tensors
+    (``BucketLayout`` s keyed ``(param group, dtype)``, rank 0's view), in its order."""
+    d = shard_size(world_size, replicas)
+    cap = int(bucket_cap_mb * 2**20)
+    plan = _plan(sizes, dtype, d, reduce_dtype=reduce_dtype, cap_bytes=cap, device=device)
+    return list(plan.buckets)
 
 
 def _buckets(
@@ -157,7 +336,7 @@ def _buckets(
     """The optimizer's buckets over tensors of ``sizes`` (in the order given; ``elem``: the
     reduce dtype's bytes, which the cap counts), with the padding that aligns every tensor
     and shard of ``param_bytes`` elements on ``device`` (``layout.ALIGN_BYTES``)."""
-    order = [(0, (), n, elem) for n, c in _sizes(sizes).items() for _ in range(c) if n]
+    order = [(0, (), t.numel, elem) for t in _tensors(sizes, "fp32").specs if t.numel]
     return plan_buckets(order, d, 0, cap_bytes, align_elements(device, param_bytes))
 
 
@@ -177,6 +356,166 @@ def device_of(backend: str) -> str:
     return "cpu" if backend == "gloo" else "cuda"
 
 
+# ---- the tensors of a model ------------------------------------------------------------------
+
+HEAD_DIM = 128  # d_model per layer in transformer_split (LLaMA-7B: 4096 / 32, -13B: 5120 / 40)
+VOCAB_SIZE = 32_000  # LLaMA's tokenizer
+MLP_MULTIPLE = 256  # LLaMA rounds its SwiGLU width 8 d_model / 3 up to a multiple of this
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """A LLaMA-style decoder-only transformer: a token embedding; ``layers`` blocks of q, k, v
+    and o projections (``d_model x d_model``), a SwiGLU MLP (gate and up ``ffn x d_model``,
+    down ``d_model x ffn``) and two RMSNorm weights; a final RMSNorm; an untied LM head.
+    No biases. Tensors in the order Hugging Face's ``LlamaForCausalLM`` registers them."""
+
+    layers: int
+    d_model: int
+    ffn: int
+    vocab: int = VOCAB_SIZE
+
+    @property
+    def numel(self) -> int:
+        d, f = self.d_model, self.ffn
+        return self.layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * self.vocab * d + d
+
+    @property
+    def num_tensors(self) -> int:
+        return 9 * self.layers + 3
+
+    def tensors(self, dtype: str | None = None) -> list[TensorSpec]:
+        """Its parameter tensors in registration order, of ``dtype`` (``None``: the
+        estimate's)."""
+        d, f, v = self.d_model, self.ffn, self.vocab
+        out = [TensorSpec(v * d, dtype, name="embed_tokens")]
+        for i in range(self.layers):
+            out += [TensorSpec(d * d, dtype, name=f"layers.{i}.{w}_proj") for w in "qkvo"]
+            out += [TensorSpec(f * d, dtype, name=f"layers.{i}.{w}_proj") for w in ("gate", "up")]
+            out += [TensorSpec(d * f, dtype, name=f"layers.{i}.down_proj")]
+            out += [TensorSpec(d, dtype, name=f"layers.{i}.{n}") for n in ("attn_norm", "mlp_norm")]
+        return out + [TensorSpec(d, dtype, name="norm"), TensorSpec(v * d, dtype, name="lm_head")]
+
+    def describe(self) -> str:
+        """One line: layers, widths, tensors and parameters."""
+        return (
+            f"{self.layers} layers, d_model {self.d_model:,}, MLP width {self.ffn:,}, vocab "
+            f"{self.vocab:,}, untied head: {self.num_tensors:,} tensors, {self.numel:,} parameters"
+        )
+
+
+def _standard_shape(layers: int) -> TransformerShape:
+    d = HEAD_DIM * layers
+    return TransformerShape(layers, d, MLP_MULTIPLE * math.ceil(8 * d / 3 / MLP_MULTIPLE))
+
+
+def transformer_split(params: int) -> TransformerShape:
+    """The decoder-only transformer assumed for ``params`` parameters when only the count is
+    known, so that the estimate buckets a realistic model (the peak depends on the largest
+    bucket and tensor, which one ``params``-element tensor overstates many times).
+
+    The rule, LLaMA's proportions: ``d_model = 128 * layers`` (LLaMA-7B and -13B), vocabulary
+    32,000, untied head, SwiGLU. ``layers`` is the whole number whose model, with LLaMA's MLP
+    width (``8 d_model / 3`` rounded up to a multiple of 256), has the count nearest
+    ``params``; the MLP width is then set so that the total is ``params`` to within
+    ``1.5 * d_model * layers`` elements. 7B gives LLaMA-7B's 32 layers of 4096 (291 tensors).
+    Raises ``ValueError`` below the smallest such model (one layer of 128 with the whole
+    vocabulary, about 8.3M parameters)."""
+    layers = 1
+    while _standard_shape(layers + 1).numel <= params:
+        layers += 1
+    layers = min((layers, layers + 1), key=lambda n: (abs(_standard_shape(n).numel - params), n))
+    d = HEAD_DIM * layers
+    fixed = TransformerShape(layers, d, 0).numel
+    ffn = round((params - fixed) / (3 * d * layers))
+    if ffn < 1:
+        smallest = TransformerShape(1, HEAD_DIM, 1).numel
+        raise ValueError(
+            f"{params:,} parameters are fewer than the smallest transformer the rule builds "
+            f"({smallest:,}: one layer of {HEAD_DIM} with a vocabulary of {VOCAB_SIZE:,})"
+        )
+    return TransformerShape(layers, d, ffn)
+
+
+def dtype_name(dtype: torch.dtype) -> tuple[str, int]:
+    """``(name, numbers per element)`` of a torch dtype the estimate knows: a complex dtype
+    is stepped as its real view, two numbers of the real dtype per element."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(
+            f"no estimate for {dtype}; known: {', '.join(str(t) for t in TORCH_DTYPES)}"
+        )
+    return TORCH_DTYPES[dtype]
+
+
+def model_tensors(
+    source: torch.nn.Module | Iterable[torch.Tensor] | Iterable[dict], dtype: str | None = None
+) -> list[TensorSpec]:
+    """The parameter tensors ShardedAdamW would be given, in registration order: ``source``
+    is a model (its ``parameters()``, one group, tied weights once), an iterable of
+    parameters (one group), or a list of param groups (dicts with ``"params"``), as the
+    optimizer takes them. Only shapes, dtypes and ``requires_grad`` are read, so a model
+    built on the meta device (nothing allocated) does.
+
+    ``dtype``: the dtype every tensor is estimated in, as ``model.to(dtype)`` would cast it
+    (``None``: each tensor's own). Raises ``ValueError`` or ``TypeError``, naming the tensor,
+    where ShardedAdamW would refuse the parameters (not floating point, given twice)."""
+    if dtype is not None:
+        _dtype_bytes(dtype)
+    groups: list[list[tuple[str, torch.Tensor]]] = []
+    if isinstance(source, torch.nn.Module):
+        groups.append(list(source.named_parameters()))
+    else:
+        if isinstance(source, torch.Tensor | dict):
+            source = [source]
+        try:
+            items = list(source)
+        except TypeError:
+            raise TypeError(
+                f"expected an nn.Module, an iterable of parameters or a list of param groups, "
+                f"got {type(source).__name__}"
+            ) from None
+        if items and all(isinstance(g, dict) for g in items):
+            for gi, g in enumerate(items):
+                if "params" not in g:
+                    raise ValueError(f"param group {gi} has no 'params'")
+                ps = g["params"]
+                ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+                names = g.get("param_names") or [
+                    f"param group {gi}, tensor {j}" for j in range(len(ps))
+                ]
+                groups.append(list(zip(names, ps)))
+        elif all(isinstance(p, torch.Tensor) for p in items):
+            groups.append([(f"tensor {j}", p) for j, p in enumerate(items)])
+        else:
+            kinds = sorted({type(x).__name__ for x in items})
+            raise TypeError(
+                "expected an nn.Module, an iterable of parameters or a list of param groups, "
+                f"got an iterable of {', '.join(kinds)}"
+            )
+    out: list[TensorSpec] = []
+    seen: dict[int, str] = {}
+    for gi, group in enumerate(groups):
+        for name, p in group:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{name} is a {type(p).__name__}, not a tensor")
+            if id(p) in seen:
+                raise ValueError(f"{name} is given twice (also as {seen[id(p)]})")
+            seen[id(p)] = name
+            if not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(
+                    f"ShardedAdamW needs floating-point parameters: {name} is {p.dtype}"
+                )
+            if dtype is not None:
+                own, per = dtype, 2 if p.is_complex() else 1
+            else:
+                try:
+                    own, per = dtype_name(p.dtype)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}; pass --dtype (dtype=) to cast it") from None
+            out.append(TensorSpec(p.numel() * per, own, gi, p.requires_grad, name))
+    return out
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes one rank holds for one setup."""
@@ -185,7 +524,7 @@ class MemoryEstimate:
     params: int
     grads: int
     state: int
-    numel: int  # P, for per-parameter figures
+    numel: int  # P, trainable, for per-parameter figures
 
     @property
     def total(self) -> int:
@@ -197,31 +536,40 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    sizes: Sizes, world_size: int, dtype: str = "fp32", *, replicas: int = 1, device: str = "cuda"
+    sizes: Sizes,
+    world_size: int,
+    dtype: str = "fp32",
+    *,
+    replicas: int = 1,
+    device: str = "cuda",
+    reduce_dtype: str | None = None,
 ) -> dict[str, MemoryEstimate]:
     """Per-rank bytes of ``ddp``, ``attached`` (ZeRO-1) and ``standalone`` (ZeRO-2), with
-    parameters on ``device`` (its alignment sets the padding)."""
+    parameters on ``device`` (its alignment sets the padding); ``reduce_dtype`` (default: the
+    update dtype) is what the bucket cap counts."""
     d = shard_size(world_size, replicas)
-    sizes = _sizes(sizes)
-    pb = _dtype_bytes(dtype)
-    ub = DTYPE_BYTES[update_dtype(dtype)]
-    state_per_elem = 2 * ub + (ub if dtype in LOW_PRECISION else 0)  # exp_avg, exp_avg_sq, master
-    P, shard = numel(sizes), shard_numel(sizes, d, device=device, param_bytes=pb)
+    plan = _plan(sizes, dtype, d, reduce_dtype=reduce_dtype, device=device)
+    P = plan.numel
+    pb = lambda dt: DTYPE_BYTES[dt]  # noqa: E731
+    params = plan.over_tensors(pb) + plan.frozen_bytes
+    grad_shard, state = plan.over_buckets(_update_bytes), plan.over_buckets(_state_bytes)
     return {
-        "ddp": MemoryEstimate("DDP + torch AdamW", P * pb, P * ub, P * state_per_elem, P),
+        "ddp": MemoryEstimate(
+            "DDP + torch AdamW",
+            params,
+            plan.over_tensors(_update_bytes),
+            plan.over_tensors(_state_bytes),
+            P,
+        ),
         "attached": MemoryEstimate(
             f"ShardedAdamW attached to DDP (ZeRO-1, {d}-way)",
-            P * pb,
-            P * pb + shard * ub,  # DDP's bucket buffers (p.grad is released) + the shard
-            shard * state_per_elem,
+            params,
+            plan.over_tensors(pb) + grad_shard,  # DDP's bucket buffers (p.grad is released)
+            state,
             P,
         ),
         "standalone": MemoryEstimate(
-            f"ShardedAdamW standalone (ZeRO-2, {d}-way)",
-            P * pb,
-            shard * ub,
-            shard * state_per_elem,
-            P,
+            f"ShardedAdamW standalone (ZeRO-2, {d}-way)", params, grad_shard, state, P
         ),
     }
 
@@ -243,11 +591,6 @@ class PeakEstimate:
         return self.total / self.numel if self.numel else 0.0
 
 
-def _largest_bucket(sizes: dict[int, int], d: int, elem: int, cap_bytes: int, **where) -> int:
-    """Padded elements of the largest of the optimizer's buckets (``layout.plan_buckets``)."""
-    return max((b.padded_numel for b in _buckets(sizes, d, elem, cap_bytes, **where)), default=0)
-
-
 def estimate_peak(
     sizes: Sizes,
     world_size: int,
@@ -262,43 +605,53 @@ def estimate_peak(
     """Peak per-rank bytes above the bare model of ``ddp``, ``attached`` and ``standalone``
     on ``backend`` (see the module docstring for what each part is)."""
     d = shard_size(world_size, replicas)
-    sizes = _sizes(sizes)
-    pb, ub = _dtype_bytes(dtype), DTYPE_BYTES[update_dtype(dtype)]
-    rb = DTYPE_BYTES[reduce_dtype or update_dtype(dtype)]
-    where = dict(device=device_of(backend), param_bytes=pb)
-    P, shard = numel(sizes), shard_numel(sizes, d, **where)
-    largest = max((n for n, c in sizes.items() if c), default=0)
     cap = int(bucket_cap_mb * 2**20)
-    bucket = _largest_bucket(sizes, d, rb, cap, **where)
-    slots = min(gather_buffers, len(_buckets(sizes, d, rb, cap, **where)))  # as BufferPool does
+    plan = _plan(
+        sizes, dtype, d, reduce_dtype=reduce_dtype, cap_bytes=cap, device=device_of(backend)
+    )
+    P = plan.numel
+    pb = lambda dt: DTYPE_BYTES[dt]  # noqa: E731
+    rb = plan.reduce_bytes
+    largest = max((t.numel * pb(t.dtype) for t in plan.tensors), default=0)
+    slots = min(gather_buffers, len(plan.buckets))  # as BufferPool does
+    grad_shard = plan.over_buckets(_update_bytes)
     # foreach AdamW's one input-sized temporary, over one run (optimizer._runs)
-    update_temp = min(shard * ub, max(cap // 4, bucket // d * ub))
-    state = shard * (2 * ub + (ub if dtype in LOW_PRECISION else 0))
-    ddp_state = P * (2 * ub + (ub if dtype in LOW_PRECISION else 0))
+    update_temp = min(grad_shard, max(cap // 4, plan.largest_bucket(_update_bytes, padded=False)))
+    state = plan.over_buckets(_state_bytes)
     attached = {
-        "DDP bucket buffers": P * pb,
-        "gradient shard": shard * ub,
+        "DDP bucket buffers": plan.over_tensors(pb),
+        "gradient shard": grad_shard,
         "optimizer state": state,
-        "gradient in flight": largest * pb,
+        "gradient in flight": largest,
         "foreach temporary (one run)": update_temp,
     }
-    if backend != "gloo" or rb != pb:
-        attached["staging pool (reduce-scatter)"] = slots * bucket * rb
-    ddp = {"p.grad": P * pb, "DDP bucket buffers": P * pb}
-    if dtype in LOW_PRECISION:  # the fp32 master recipe of the memory rows
-        ddp["fp32 main gradients"] = P * ub
-    ddp |= {"optimizer state": ddp_state, "foreach temporary": P * ub}
+    # on gloo a bucket reduced in its own dtype is averaged in DDP's buffer, in place
+    staged = [
+        b for b in plan.buckets if backend != "gloo" or plan.reduce_dtype_of(b.key[1]) != b.key[1]
+    ]
+    if staged:
+        attached["staging pool (reduce-scatter)"] = min(gather_buffers, len(staged)) * max(
+            b.padded_numel * rb(b.key[1]) for b in staged
+        )
+    ddp = {"p.grad": plan.over_tensors(pb), "DDP bucket buffers": plan.over_tensors(pb)}
+    main_grads = plan.over_tensors(lambda dt: _update_bytes(dt) if dt in LOW_PRECISION else 0)
+    if main_grads:  # the fp32 master recipe of the memory rows
+        ddp["fp32 main gradients"] = main_grads
+    ddp |= {
+        "optimizer state": plan.over_tensors(_state_bytes),
+        "foreach temporary": plan.over_tensors(_update_bytes),
+    }
     return {
         "ddp": PeakEstimate("DDP + torch AdamW (foreach)", ddp, P),
         "attached": PeakEstimate(f"ShardedAdamW attached to DDP ({d}-way)", attached, P),
         "standalone": PeakEstimate(
             f"ShardedAdamW standalone ({d}-way)",
             {
-                "gradient shard": shard * ub,
+                "gradient shard": grad_shard,
                 "optimizer state": state,
-                "staging pool (reduce-scatter)": slots * bucket * rb,
+                "staging pool (reduce-scatter)": slots * plan.largest_bucket(rb),
                 "foreach temporary (one run)": update_temp,
-                "gradients in flight": (bucket + largest) * pb,
+                "gradients in flight": plan.largest_bucket(pb) + largest,
             },
             P,
         ),
@@ -369,36 +722,40 @@ def comm_model(
         raise ValueError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
     S = shard_size(world_size, replicas)
     W, R = world_size, replicas
-    sizes = _sizes(sizes)
-    pb = _dtype_bytes(dtype)
-    rb = _dtype_bytes(reduce_dtype or update_dtype(dtype))
-    ddp_grad = DTYPE_BYTES[update_dtype(dtype)]
+    tensors = _tensors(sizes, dtype)
+    where = dict(reduce_dtype=reduce_dtype, device=device)
+    flat = _plan(tensors, dtype, W, **where)
+    pb = lambda dt: DTYPE_BYTES[dt]  # noqa: E731
     world_link = _link([range(W)], gpus_per_node)
-    where = dict(device=device, param_bytes=pb)
-    flat = padded_numel(sizes, W, **where)
     schemes = {
         "ddp": CommScheme(
             f"DDP all-reduce over {W} ranks",
-            (Collective("all-reduce", W, numel(sizes) * ddp_grad, world_link),),
+            (Collective("all-reduce", W, flat.over_tensors(_update_bytes), world_link),),
         ),
         "flat": CommScheme(
             f"ShardedAdamW flat, {W}-way",
             (
-                Collective("reduce-scatter", W, flat * rb, world_link),
-                Collective("all-gather", W, flat * pb, world_link),
+                Collective(
+                    "reduce-scatter",
+                    W,
+                    flat.over_buckets(flat.reduce_bytes, padded=True),
+                    world_link,
+                ),
+                Collective("all-gather", W, flat.over_buckets(pb, padded=True), world_link),
             ),
         ),
     }
     if R > 1:
         shard_link = _link((range(r * S, (r + 1) * S) for r in range(R)), gpus_per_node)
         replica_link = _link((range(s, W, S) for s in range(S)), gpus_per_node)
-        hybrid = padded_numel(sizes, S, **where)
+        hybrid = _plan(tensors, dtype, S, **where)
+        rb = hybrid.reduce_bytes
         schemes["hybrid"] = CommScheme(
             f"ShardedAdamW hybrid, {R} replicas x {S}-way",
             (
-                Collective("reduce-scatter", S, hybrid * rb, shard_link),
-                Collective("all-gather", S, hybrid * pb, shard_link),
-                Collective("all-reduce", R, hybrid // S * rb, replica_link),
+                Collective("reduce-scatter", S, hybrid.over_buckets(rb, padded=True), shard_link),
+                Collective("all-gather", S, hybrid.over_buckets(pb, padded=True), shard_link),
+                Collective("all-reduce", R, hybrid.over_buckets(rb), replica_link),
             ),
         )
     return schemes
@@ -417,31 +774,33 @@ def counted_comm_bytes(
 ) -> dict[str, int]:
     """The byte counts of ``ShardedAdamW.comm_stats()`` after one ordinary step, on every rank.
 
-    Attached on gloo with a flat group and the reduce dtype equal to the parameter dtype, the
-    reduction is an in-place average of DDP's own (unpadded) buffers: its count is ``P * e``
-    instead of the padded reduce-scatter input. Assumes an initialised process group (without
-    one, nothing is all-reduced), every parameter trainable and given a gradient, and a finite
+    Attached on gloo with a flat group, a bucket whose reduce dtype is its parameter dtype is
+    reduced by an in-place average of DDP's own (unpadded) buffers: it counts ``numel * e``
+    instead of its padded reduce-scatter input. Assumes an initialised process group (without
+    one, nothing is all-reduced), every trainable parameter given a gradient, and a finite
     step. Besides the gradients and parameters, ``step()`` all-reduces one float32 flag
     (non-finite gradient found) when ``skip_nonfinite``, plus, standalone, one "had a
-    gradient" flag per tensor.
+    gradient" flag per bucketed tensor.
     """
-    sizes = _sizes(sizes)
+    tensors = _tensors(sizes, dtype)
+    device = device_of(backend)
     schemes = comm_model(
-        sizes,
-        world_size,
-        dtype,
-        replicas=replicas,
-        reduce_dtype=reduce_dtype,
-        device=device_of(backend),
+        tensors, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype, device=device
     )
     counts = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0, "all_reduce_bytes": 0}
     for c in schemes["hybrid" if replicas > 1 else "flat"].collectives:
         counts[c.kind.replace("-", "_") + "_bytes"] += c.counted_bytes
-    rdtype = reduce_dtype or update_dtype(dtype)
-    if not standalone and backend == "gloo" and replicas == 1 and rdtype == dtype:
-        counts["reduce_scatter_bytes"] = numel(sizes) * DTYPE_BYTES[dtype]
+    plan = _plan(tensors, dtype, world_size, reduce_dtype=reduce_dtype, device=device)
+    if not standalone and backend == "gloo" and replicas == 1:
+        counts["reduce_scatter_bytes"] = sum(
+            b.numel * DTYPE_BYTES[dt]
+            if plan.reduce_dtype_of(dt) == dt
+            else b.padded_numel * plan.reduce_bytes(dt)
+            for b in plan.buckets
+            for dt in [b.key[1]]
+        )
     if skip_nonfinite or standalone:
-        flags = 1 + (sum(sizes.values()) if standalone else 0)
+        flags = 1 + (len(plan.tensors) if standalone else 0)
         groups = 2 if replicas > 1 else 1  # shard group, then replicate group
         counts["all_reduce_bytes"] += 2 * flags * STEP_FLAG_BYTES * groups
     return counts
@@ -475,25 +834,113 @@ def markdown_table(header: list[str], rows: list[list[str]], text_columns: int =
     return "\n".join(lines)
 
 
+def _dtype_label(specs: Iterable[TensorSpec]) -> str:
+    """The trainable tensors' dtype, or ``mixed (bf16 x 200, fp32 x 91)``."""
+    counts = Counter(t.dtype for t in specs if t.trainable)
+    if len(counts) <= 1:
+        return next(iter(counts), "fp32")
+    return "mixed (" + ", ".join(f"{dt} x {n:,}" for dt, n in counts.most_common()) + ")"
+
+
 def render_estimate(
-    params: int,
+    params: int | None,
     world_size: int,
-    dtype: str,
+    dtype: str | None = None,
     *,
-    num_tensors: int = 1,
+    num_tensors: int | None = None,
+    tensors: Sequence[TensorSpec] | None = None,
+    source: str = "",
     replicas: int = 1,
     gpus_per_node: int = 8,
     intra_gbps: float = 200.0,
     inter_gbps: float = 25.0,
     reduce_dtype: str | None = None,
 ) -> str:
-    """The ``sharded-adamw estimate`` report: memory and communication tables in markdown."""
-    sizes = even_split(params, num_tensors)
+    """The ``sharded-adamw estimate`` report: memory and communication tables in markdown.
+
+    The tensors, in order of precedence: ``tensors`` (read from a model by ``model_tensors``;
+    ``source`` says which), ``params`` split evenly over ``num_tensors``, or the decoder-only
+    transformer of about ``params`` parameters that ``transformer_split`` assumes (one tensor
+    if ``params`` is too few for it). The report says which split it used, since the peak
+    depends on it. ``dtype``: the dtype of tensors that give none (default fp32)."""
+    dtype = dtype or "fp32"
     S = shard_size(world_size, replicas)
     nodes = math.ceil(world_size / gpus_per_node)
-    mem = estimate_memory(sizes, world_size, dtype, replicas=replicas)
+    split_line = ""
+    if tensors is not None:
+        sizes: Sizes = _tensors(tensors, dtype)
+    elif num_tensors is not None:
+        sizes = even_split(params, num_tensors)
+        split = " and ".join(f"{c:,} of {n:,} elements" for n, c in sizes.items())
+        split_line = (
+            f"- Tensors: {split} (the parameters split evenly over --num-tensors {num_tensors:,})."
+        )
+    else:
+        try:
+            shape = transformer_split(params)
+        except ValueError as e:
+            sizes = even_split(params, 1)
+            split_line = (
+                f"- Tensors: one of {params:,} elements: {e}; pass --num-tensors K for K equal "
+                "tensors, or --model or --hf-config for your own model."
+            )
+        else:
+            sizes = _tensors(shape.tensors(dtype), dtype)
+            split_line = (
+                "- Assumed a decoder-only transformer (LLaMA-style, the rule of "
+                f"estimate.transformer_split): {shape.describe()}; pass --model or --hf-config "
+                "for your own model, or --num-tensors K for K equal tensors."
+            )
+    resolved = _tensors(sizes, dtype)
+    if not any(t.trainable and t.numel for t in resolved.specs):
+        raise ValueError(f"{source or 'the model'} has no trainable parameters to estimate")
+    label = _dtype_label(resolved.specs)
+    flat = _plan(resolved, dtype, S, reduce_dtype=reduce_dtype)
+    P = flat.numel
+    frozen = [t for t in resolved.specs if not t.trainable]
+    pad = flat.over_buckets(lambda dt: 1, padded=True) - P
+    if tensors is not None:
+        groups = len({t.group for t in resolved.specs})
+        trainable = sum(1 for t in resolved.specs if t.trainable)
+        largest = max((t for t in resolved.specs if t.trainable), key=lambda t: t.numel)
+        split_line = (
+            f"- Tensors of {source or 'the model'}: {trainable:,} trainable in {groups} param "
+            f"group{'s' if groups > 1 else ''}, the largest {largest.name or 'unnamed'} "
+            f"({largest.numel:,} elements)"
+        )
+        if frozen:
+            n = sum(t.numel for t in frozen)
+            split_line += (
+                f"; {len(frozen):,} frozen ({n:,} parameters: every rank holds them, "
+                "ShardedAdamW defers them, no gradient or state)"
+            )
+        split_line += "."
+    header = f"# {P:,} parameters" if not frozen else f"# {P:,} trainable parameters"
+    out = [
+        f"{header}, {label}, {world_size} ranks on {nodes} "
+        f"node{'s' if nodes > 1 else ''} of {gpus_per_node}, state sharded {S}-way"
+        + (f" x {replicas} replicas" if replicas > 1 else ""),
+        "",
+        split_line,
+        f"- Buckets as ShardedAdamW plans them ({DEFAULT_CAP_BYTES / 2**20:g} MiB cap"
+        + (", each param group on its own, last tensor first" if resolved.as_optimizer else "")
+        + f"): {len(flat.buckets):,} at {S}-way, the largest "
+        f"{format_bytes(flat.largest_bucket(flat.reduce_bytes))} in the reduce dtype; every "
+        f"tensor and shard aligned, every bucket padded to {S} shards: {pad:,} padding "
+        "elements in all.",
+    ]
+    lowp = [dt for dt in Counter(t.dtype for t in flat.tensors) if dt in LOW_PRECISION]
+    if lowp:
+        out.append(
+            f"- {'/'.join(lowp)} parameters with fp32 master weights and fp32 AdamW state. The "
+            "DDP row is the usual mixed-precision recipe: bf16 parameters, fp32 main grads, "
+            "fp32 master (18 B/param); "
+            f"ShardedAdamW keeps DDP's gradients in {'/'.join(lowp)} (attached) and its own "
+            "gradient shard in fp32."
+        )
+    mem = estimate_memory(resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype)
     comm = comm_model(
-        sizes,
+        resolved,
         world_size,
         dtype,
         replicas=replicas,
@@ -501,27 +948,10 @@ def render_estimate(
         reduce_dtype=reduce_dtype,
     )
     counted = counted_comm_bytes(
-        sizes, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype
+        resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype
     )
-    rdtype = reduce_dtype or update_dtype(dtype)
-    split = " and ".join(f"{c:,} of {n:,} elements" for n, c in sizes.items())
-    pad = padded_numel(sizes, S, param_bytes=_dtype_bytes(dtype)) - params
-    out = [
-        f"# {params:,} parameters, {dtype}, {world_size} ranks on {nodes} "
-        f"node{'s' if nodes > 1 else ''} of {gpus_per_node}, state sharded {S}-way"
-        + (f" x {replicas} replicas" if replicas > 1 else ""),
-        "",
-        f"- Tensors: {split} (the parameters split evenly over --num-tensors {num_tensors:,}). "
-        f"Padding is exact for that split: every tensor of n elements reserves ceil(n/{S}) "
-        f"elements per rank; {pad:,} padding elements in all.",
-    ]
-    if dtype in LOW_PRECISION:
-        out.append(
-            f"- {dtype} parameters with fp32 master weights and fp32 AdamW state. The DDP row "
-            f"is NOTES.md's 'bf16 / fp32 main grads, fp32 master' row (18 B/param); "
-            f"ShardedAdamW keeps DDP's gradients in {dtype} (attached) and its own gradient "
-            "shard in fp32."
-        )
+    dtypes = list(Counter(t.dtype for t in flat.tensors)) or [dtype]
+    joined = lambda names: "/".join(dict.fromkeys(names))  # noqa: E731
     out += [
         "- Held between steps; not counted: activations, transient communication buffers, "
         "DDP bucket buffers, per-tensor step counters (host memory).",
@@ -547,12 +977,12 @@ def render_estimate(
             ],
         )
     )
-    peaks = estimate_peak(sizes, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype)
+    peaks = estimate_peak(resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype)
     out += [
         "",
         "## Peak per rank during a step, above the bare model",
         "",
-        "What `sharded-adamw bench --peak-memory` measures (default bucket size and DDP flags, "
+        "What `python -m benchmarks --peak-memory` measures (default bucket size and DDP flags, "
         "2 all-gather buffers); every buffer counted is listed.",
         "",
         markdown_table(
@@ -574,8 +1004,10 @@ def render_estimate(
         f"## Communication per rank per step ({gpus_per_node} GPUs per node, intra-node "
         f"{intra_gbps:g} GB/s, inter-node {inter_gbps:g} GB/s per rank)",
         "",
-        f"Gradients reduced in {rdtype} (DDP: {update_dtype(dtype)}), parameters gathered in "
-        f"{dtype}. Ring collectives; a group spanning nodes is charged to the inter-node link. "
+        f"Gradients reduced in {joined(reduce_dtype or update_dtype(dt) for dt in dtypes)} "
+        f"(DDP: {joined(update_dtype(dt) for dt in dtypes)}), parameters gathered in "
+        f"{joined(dtypes)}. Ring collectives; a group spanning nodes is charged to the "
+        "inter-node link. "
         "Lower bound: busiest link's bytes / bandwidth; serial: every collective in turn. "
         "Latency and overlap with compute are ignored.",
         "",
