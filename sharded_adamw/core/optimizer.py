@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.nn.utils.clip_grad as clip_grad_module
 from torch.optim import Optimizer
 from torch.optim.optimizer import _to_scalar
 
@@ -37,7 +38,7 @@ from .clipping import scale_by_norm, total_norm
 from .collectives import Comm, CommStats
 from .layout import align_elements, plan_buckets
 from .param_gather import ParamGather
-from .reducer import HookReducer, Reducer
+from .reducer import FullGradReducer, HookReducer, Reducer
 from .registry import live_optimizers, optimizer_built
 from .state_server import StateServer, state_entries
 from .update import Run, Steps, plan_runs, update_run
@@ -88,6 +89,11 @@ class ShardedAdamW(Optimizer):
       reads it (Megatron-LM's name). Results are bitwise the same. Reading ``p.data`` by hand
       between ``step()`` and the next forward needs ``sync_params()`` first; see
       ``param_gather``.
+    - ``full_grads``: keep ``p.grad`` as the averaged gradient after backward, as under DDP +
+      ``torch.optim.AdamW``, for code that reads or changes it before ``step()`` (ZeRO-1:
+      gradients are all-reduced, DDP's communication and gradient memory; the state stays
+      sharded). Bitwise equal to DDP + AdamW. A parameter that got no gradient on this rank
+      gets the average too (zeros where no rank had one), as DDP gives it.
 
     The parameters become views of the optimizer's flat buckets at construction (their values
     are kept): ``p.data`` is replaced, ``p`` itself is not.
@@ -116,6 +122,7 @@ class ShardedAdamW(Optimizer):
         gather_buffers: int = 2,
         state_dict_timeout: float = 300.0,
         overlap_param_gather: bool = False,
+        full_grads: bool = False,
     ):
         betas = _check_args(lr, betas, eps, weight_decay, foreach, capturable, differentiable)
         if fused and foreach:
@@ -134,6 +141,7 @@ class ShardedAdamW(Optimizer):
             gather_buffers=gather_buffers,
             state_dict_timeout=state_dict_timeout,
             overlap_param_gather=overlap_param_gather,
+            full_grads=full_grads,
         )
         self.comm = Comm(process_group)
         self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
@@ -147,7 +155,14 @@ class ShardedAdamW(Optimizer):
         self._step_supports_amp_scaling = True  # GradScaler hands its scale to step()
         self._buckets: list[ShardBucket] = []
         # the backward side; replaced by a DDP-driven one at ``attach()``
-        self._reducer: Reducer = HookReducer(
+        if full_grads and self.comm.replicate_group is not None:
+            raise ValueError(
+                "ShardedAdamW(full_grads=True) averages gradients over the shard group only; "
+                "it does not support a 2-D (replicate, shard) mesh"
+            )
+        self.full_grads = full_grads
+        kind = FullGradReducer if full_grads else HookReducer
+        self._reducer: Reducer = kind(
             self._buckets, self.comm, gather_buffers, overlap_comm, self.param_name
         )
         self._slot: dict[torch.nn.Parameter, tuple[ShardBucket, int]] = {}
@@ -403,7 +418,7 @@ class ShardedAdamW(Optimizer):
         """Make ``model`` (a ``DistributedDataParallel``) reduce-scatter gradients into this
         optimizer's shards during backward, instead of all-reducing them: the backward side
         becomes DDP-driven (``integrations.ddp.DDPReducer``) for good."""
-        from ..integrations.ddp import DDPReducer, check_attachable
+        from ..integrations.ddp import DDPFullGradReducer, DDPReducer, check_attachable
 
         if self._reducer.model is model:
             return
@@ -416,7 +431,10 @@ class ShardedAdamW(Optimizer):
         for p, n in names.items():
             self._names.setdefault(p, n)
         self._reducer.close()
-        self._reducer = DDPReducer(self._reducer, model, trainable)
+        if self.full_grads:  # DDP's own all-reduce into p.grad, as for torch AdamW
+            self._reducer = DDPFullGradReducer(self._reducer, model)
+        else:
+            self._reducer = DDPReducer(self._reducer, model, trainable)
         self._gather.watch(model.module)
 
     # ---- internal interface ----------------------------------------------------------------
@@ -513,6 +531,10 @@ class ShardedAdamW(Optimizer):
         ``sharded_adamw`` routes ``torch.nn.utils.clip_grad_norm_`` on this optimizer's
         parameters here; see ``clip``.)
         """
+        if self.full_grads:  # p.grad is the averaged gradient: torch's own function
+            return clip_grad_module.clip_grad_norm_(
+                self.owned_params(), max_norm, norm_type, error_if_nonfinite
+            )
         norm = total_norm(self, norm_type, error_if_nonfinite)
         scale_by_norm(self, max_norm, norm)
         return norm
@@ -635,7 +657,7 @@ class ShardedAdamW(Optimizer):
         ``_step_supports_amp_scaling``; only ``ShardedGradScaler`` computes that verdict on the
         shards (``unscale_gradients``), so a stock scaler's is refused."""
         scaler_found = getattr(self, "found_inf", None)  # set by GradScaler.step
-        if scaler_found is not None and not self._scaler_checked:
+        if scaler_found is not None and not (self._scaler_checked or self.full_grads):
             raise RuntimeError(
                 "ShardedAdamW: torch.amp.GradScaler unscales and checks p.grad, which after a "
                 "reduce-scatter is not the averaged gradient; use sharded_adamw.ShardedGradScaler"

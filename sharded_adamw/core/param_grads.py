@@ -34,6 +34,12 @@ def _owned_grad(opt: ShardedAdamW, p: torch.Tensor) -> tuple[ShardBucket, int, t
     return b, i, b.owned(b.grad, i)
 
 
+def _torch_norm(g: torch.Tensor, norm_type: float, unitwise: bool) -> torch.Tensor:
+    if unitwise and g.ndim > 1:
+        return torch.linalg.vector_norm(g, norm_type, dim=tuple(range(1, g.ndim)), keepdim=True)
+    return torch.linalg.vector_norm(g, norm_type)
+
+
 def _rows(p: torch.Tensor) -> int:
     """Output rows of ``p`` for a unitwise norm: dimension 0 for ``ndim > 1``, else one."""
     return p.shape[0] if p.ndim > 1 else 1
@@ -63,17 +69,15 @@ def grad_norms(
     ``(rows, 1, ..., 1)`` for ``ndim > 1`` as ``timm.utils.agc.unitwise_norm`` gives),
     in the gradient shard's dtype. Collective."""
     norm_type = float(norm_type)
+    if opt.full_grads:  # p.grad is the averaged gradient
+        return [_torch_norm(p.grad, norm_type, unitwise) for p in params]
     opt.gradient_shards()
     if not opt.comm.distributed:  # each parameter's gradient is one owned slice: torch's norm
         out = []
         for p in params:
             _, _, g = _owned_grad(opt, p)
             g = g.view(p.shape if not p.is_complex() else (*p.shape, 2))
-            if unitwise and p.ndim > 1:
-                dims = tuple(range(1, g.ndim))
-                out.append(torch.linalg.vector_norm(g, norm_type, dim=dims, keepdim=True))
-            else:
-                out.append(torch.linalg.vector_norm(g, norm_type))
+            out.append(_torch_norm(g, norm_type, unitwise and p.ndim > 1))
         return out
     parts, shapes = [], []
     for p in params:
@@ -102,6 +106,11 @@ def scale_grads_(
 ) -> None:
     """Multiply each parameter's averaged gradient by its factor: a scalar, or one value per
     output row (``(rows, 1, ..., 1)``). Each rank scales the elements it owns."""
+    if opt.full_grads:  # p.grad is the averaged gradient
+        for p, f in zip(params, factors):
+            if p.grad is not None:
+                p.grad.mul_(torch.as_tensor(f, device=p.grad.device).to(p.grad.dtype))
+        return
     opt.gradient_shards()
     for p, f in zip(params, factors):
         b, i, g = _owned_grad(opt, p)
@@ -139,6 +148,8 @@ def full_grad(opt: ShardedAdamW, p: torch.Tensor) -> torch.Tensor | None:
     """Parameter ``p``'s whole averaged gradient, shaped like ``p`` (a new tensor, in the
     gradient shard's dtype), or None where no rank had a gradient for it this step.
     Collective: one all-reduce of ``p``'s size over the shard group."""
+    if opt.full_grads:  # p.grad is the averaged gradient
+        return None if p.grad is None else p.grad.detach().clone()
     shards = opt.gradient_shards()
     b, i, g = _owned_grad(opt, p)
     if not any(t is b.grad for t in shards):

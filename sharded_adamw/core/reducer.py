@@ -15,6 +15,11 @@ Two kinds, chosen once:
   backward launches the rest (unused parameters count as zeros), so that every rank
   reduce-scatters every bucket once per backward, in the same order.
 - ``integrations.ddp.DDPReducer`` (``attach()``): DDP's comm hook hands over its buckets.
+
+With ``full_grads`` (ZeRO-1: ``p.grad`` keeps the averaged gradient) the two are
+``FullGradReducer`` (the hooks all-reduce each bucket and write ``p.grad``) and
+``integrations.ddp.DDPFullGradReducer`` (DDP all-reduces as usual); both take the shards
+from ``p.grad`` when the step finishes the reduction.
 """
 
 from __future__ import annotations
@@ -81,16 +86,9 @@ class BucketGrads:
         self._views = [self.staging[s.base : s.base + s.numel] for s in layout.slots]
         self._gaps = [self.staging[a:b] for a, b in layout.gaps()]
 
-    def reduce_scatter(
-        self, comm: Comm, grads: list[torch.Tensor | None], async_op: bool
-    ) -> Handle:
-        """Average ``grads`` (one per parameter, None for no gradient, which counts as zeros)
-        into this rank's gradient shard, adding to what the shard already holds since the
-        last step (so no micro-batch is lost).
-
-        The one copy of the data path that ZeRO-2 needs: the gradients go into the staging
-        buffer in the bucket's layout (zeros for missing ones and the padding), then one
-        collective averages it into the shard."""
+    def stage(self, grads: list[torch.Tensor | None]) -> None:
+        """Copy ``grads`` (one per parameter, None for no gradient, which counts as zeros)
+        into the staging buffer in the bucket's layout, zeros in the padding."""
         have = [(d, as_real(g).reshape(-1)) for d, g in zip(self._views, grads) if g is not None]
         if len(have) == len(grads):
             torch._foreach_copy_(self._views, [g for _, g in have])
@@ -102,9 +100,48 @@ class BucketGrads:
                 torch._foreach_copy_([d for d, _ in have], [g for _, g in have])
         if self._gaps:  # the slot is shared with other buckets: zero the padding
             torch._foreach_zero_(self._gaps)
+
+    def reduce_scatter(
+        self, comm: Comm, grads: list[torch.Tensor | None], async_op: bool
+    ) -> Handle:
+        """Average ``grads`` into this rank's gradient shard, adding to what the shard
+        already holds since the last step (so no micro-batch is lost).
+
+        The one copy of the data path that ZeRO-2 needs: the gradients go into the staging
+        buffer (``stage``), then one collective averages it into the shard."""
+        self.stage(grads)
         accumulate, self.holds = self.holds, True
         with record_function("sharded_adamw.reduce_scatter"):
             return comm.reduce_scatter_grads(self.staging, self.bucket.grad, accumulate, async_op)
+
+    def all_reduce(self, comm: Comm, grads: list[torch.Tensor | None], async_op: bool) -> Handle:
+        """``full_grads``: average ``grads`` over the ranks as DDP does (same bits) and write
+        the average into every parameter's ``p.grad`` (zeros where no rank had one)."""
+        self.stage(grads)
+        with record_function("sharded_adamw.all_reduce"):
+            handle, scale = comm.average_in_place(self.staging, async_op)
+        return handle.and_then(lambda: self._write_grads(scale))
+
+    def _write_grads(self, scale: float) -> None:
+        for p, view in zip(self.bucket.params, self._views):
+            avg = view.view(as_real(p).shape)
+            avg = avg if scale == 1.0 else avg * scale
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            as_real(p.grad).copy_(avg)
+
+    def take_from_grads(self) -> None:
+        """``full_grads``: the shard becomes this rank's owned part of every parameter's
+        ``p.grad`` as it is now (after whatever clipping or scaling the user applied to it);
+        zeros where ``p.grad`` is None."""
+        b = self.bucket
+        for i, (p, s) in enumerate(zip(b.params, b.layout.slots)):
+            owned = b.owned(b.grad, i)
+            if p.grad is None:
+                owned.zero_()
+            else:
+                owned.copy_(as_real(p.grad).reshape(-1)[s.start : s.end])
+        self.holds = True
 
 
 class BufferPool:
@@ -214,6 +251,13 @@ class Reducer:
         """Launch ``bucket`` from its parameters' ``p.grad``, recording which exist (torch
         AdamW skips parameters without one), then drop ``p.grad``: the shard now holds this
         rank's part (ZeRO-2)."""
+        self.start(bucket, self.local_grads(bucket))
+        for p in bucket.params:
+            p.grad = None
+
+    def local_grads(self, bucket: ShardBucket) -> list[torch.Tensor | None]:
+        """The parameters' ``p.grad``, recording which exist (torch AdamW skips parameters
+        without one)."""
         record = self.records[bucket]
         grads = []
         for i, p in enumerate(bucket.params):
@@ -226,9 +270,7 @@ class Reducer:
                     )
                 record.present[i] = True
             grads.append(g)
-        self.start(bucket, grads)
-        for p in bucket.params:
-            p.grad = None
+        return grads
 
     def wait(self) -> None:
         """Wait for (and deliver) every reduction in flight."""
@@ -325,6 +367,8 @@ class Reducer:
 class HookReducer(Reducer):
     """Standalone: gradient hooks launch each bucket as soon as its gradients are in."""
 
+    always_hooks = False  # without overlap_comm, the reductions wait for step()
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.no_sync = False  # set by ``ShardedAdamW.no_sync()``
@@ -334,7 +378,7 @@ class HookReducer(Reducer):
     def added(self, buckets: list[ShardBucket]) -> None:
         super().added(buckets)
         self._bucket_of.update((p, b) for b in buckets for p in b.params)
-        if not self.overlap:  # everything is communicated inside step()
+        if not (self.overlap or self.always_hooks):  # everything is communicated in step()
             return
         for b in buckets:
             for p in b.params:
@@ -378,3 +422,31 @@ class HookReducer(Reducer):
     def adopt_new(self, new: list[ShardBucket]) -> None:
         if self.phase in (Phase.REDUCING, Phase.REDUCED):
             super().adopt_new(new)
+
+
+class FullGradReducer(HookReducer):
+    """Standalone with ``full_grads`` (ZeRO-1): each bucket is all-reduced as DDP would
+    (averaged, the same bits) and the average goes back into ``p.grad``, which code between
+    backward and step reads and may change (clipping, scaling); ``finish`` then takes each
+    rank's owned part of ``p.grad`` into the shard. DDP's communication and gradient memory;
+    the optimizer state stays sharded."""
+
+    always_hooks = True  # p.grad must hold the average when backward ends, as with DDP
+
+    def start_local(self, bucket: ShardBucket) -> None:
+        record = self.records[bucket]
+        self.pool.acquire(record)
+        handle = record.all_reduce(self.comm, self.local_grads(bucket), async_op=self.overlap)
+        self.pool.hold(record, handle)
+        self.pending.append(handle)
+
+    def _end_of_backward(self) -> None:
+        """As DDP's reducer does: backward ends with the averages in ``p.grad``, so that the
+        next backward accumulates into them (and code in between reads them)."""
+        super()._end_of_backward()
+        self.wait()
+
+    def finish(self) -> None:
+        super().finish()
+        for record in self.records.values():
+            record.take_from_grads()

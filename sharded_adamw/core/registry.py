@@ -34,9 +34,17 @@ def live_optimizers() -> list[ShardedAdamW]:
     return list(_optimizers)
 
 
+def sharding_grads() -> list[ShardedAdamW]:
+    """The live optimizers whose averaged gradient lives in their shards (not ``p.grad``:
+    all but those built with ``full_grads``)."""
+    return [o for o in live_optimizers() if not o.full_grads]
+
+
 def owners(params: Iterable[torch.Tensor]) -> dict[int, ShardedAdamW | None]:
-    """``id(p) -> the ShardedAdamW that optimizes p`` (``None`` for a parameter none owns)."""
-    opts = live_optimizers()
+    """``id(p) -> the ShardedAdamW whose shards hold p's averaged gradient`` (``None`` where
+    none does: not optimized by one, or by one with ``full_grads``, where ``p.grad`` holds
+    it and torch's own functions apply)."""
+    opts = sharding_grads()
     out: dict[int, ShardedAdamW | None] = {}
     for p in params:
         out[id(p)] = next((o for o in opts if o.owns(p)), None)

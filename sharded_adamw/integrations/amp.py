@@ -26,7 +26,7 @@ class ShardedGradScaler(torch.amp.GradScaler):
         found_inf: torch.Tensor,
         allow_fp16: bool,
     ) -> dict[torch.device, torch.Tensor]:
-        if not isinstance(optimizer, ShardedAdamW):
+        if not isinstance(optimizer, ShardedAdamW) or optimizer.full_grads:  # p.grad is it
             return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
         found = optimizer.unscale_gradients(inv_scale)
         found_inf.copy_(found.reshape(found_inf.shape).to(found_inf.device))

@@ -207,6 +207,31 @@ class DDPReducer(Reducer):
         return route
 
 
+class DDPFullGradReducer(Reducer):
+    """Attached with ``full_grads`` (ZeRO-1): DDP all-reduces into ``p.grad`` exactly as it
+    does for ``torch.optim.AdamW`` (no comm hook), and ``finish`` takes each rank's owned
+    part of ``p.grad`` into the shards."""
+
+    def __init__(self, previous: Reducer, model: DistributedDataParallel):
+        super().__init__(
+            previous.buckets, previous.comm, previous.pool.size, previous.overlap, previous.name_of
+        )
+        self.records, self.pool, self.pending = previous.records, previous.pool, previous.pending
+        self.model = model
+
+    @property
+    def needs_agreement(self) -> bool:
+        # DDP leaves p.grad None on every rank, or averaged on every rank: nothing to agree
+        return False
+
+    def _launch_rest(self) -> None:
+        for record in self.records.values():
+            record.take_from_grads()
+
+    def _local_presence(self, record: BucketGrads) -> list[bool]:
+        return [p.grad is not None for p in record.bucket.params]
+
+
 def _comm_hook(reducer: DDPReducer, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Launch the bucket's reduction into the optimizer's shards, release the parameters'
     gradients, and hand DDP its buffer back at once.
