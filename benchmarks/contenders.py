@@ -213,5 +213,9 @@ CONTENDERS: dict[str, Callable[[nn.Module, torch.device], Trainer]] = {
     "ShardedAdamW (standalone, overlap_param_gather)": functools.partial(
         sharded_standalone, overlap_param_gather=True
     ),
+    "ShardedAdamW (attach, full_grads)": functools.partial(sharded_attached, full_grads=True),
+    "ShardedAdamW (standalone, full_grads)": functools.partial(
+        sharded_standalone, full_grads=True
+    ),
     "ShardedAdamW bf16 (standalone)": sharded_bf16,
 }

@@ -23,6 +23,8 @@ PEAK_ROWS = [  # (contender, parameter dtype) rows of the peak-memory table
     ("ShardedAdamW (attach)", torch.float32),
     ("ShardedAdamW (attach, bucket view)", torch.float32),
     ("ShardedAdamW (standalone)", torch.float32),
+    ("ShardedAdamW (attach, full_grads)", torch.float32),
+    ("ShardedAdamW (standalone, full_grads)", torch.float32),
     ("ShardedAdamW (attach)", torch.bfloat16),
     ("ShardedAdamW (attach, bucket view)", torch.bfloat16),
     ("ShardedAdamW (standalone)", torch.bfloat16),
