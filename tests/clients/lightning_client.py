@@ -7,54 +7,68 @@ checkpoint with ``trainer.fit(ckpt_path=...)``.
 The lines that differ between ``--optimizer sharded`` and ``--optimizer adamw``: the optimizer
 class in ``configure_optimizers`` and ``strategy=ShardedDDPStrategy()`` in place of ``"ddp"``.
 
+``--package pytorch_lightning`` runs the same program on the ``pytorch_lightning`` package
+(``import pytorch_lightning as pl``) with its strategy, ``PLShardedDDPStrategy``, in place of
+the unified ``lightning.pytorch``; that run checks it never imported ``lightning``.
+
     torchrun --standalone --nproc_per_node 2 -m tests.clients.lightning_client --optimizer sharded
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 
-import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from sharded_adamw import ShardedAdamW
-from sharded_adamw.integrations.lightning import ShardedDDPStrategy
+from sharded_adamw.integrations import lightning as integration
 from tests.clients.report import exit_cleanly, write_result
 
 VOCAB, SEQ = 48, 8
+# --package: the module imported as ``pl``, and the strategy for its Trainer
+PACKAGES = {
+    "lightning": ("lightning.pytorch", "ShardedDDPStrategy"),
+    "pytorch_lightning": ("pytorch_lightning", "PLShardedDDPStrategy"),
+}
 
 
-class TinyLM(pl.LightningModule):
-    def __init__(self, optimizer: str):
-        super().__init__()
-        self.optimizer_name = optimizer
-        self.embed = nn.Embedding(VOCAB, 24)
-        self.mix = nn.Linear(24, 40)
-        self.norm = nn.LayerNorm(40)
-        self.head = nn.Linear(40, VOCAB)
+def tiny_lm(pl):
+    """The LightningModule class, built on ``pl.LightningModule`` of the package chosen."""
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.norm(F.gelu(self.mix(self.embed(x))))
-        return F.cross_entropy(self.head(h).view(-1, VOCAB), y.view(-1))
+    class TinyLM(pl.LightningModule):
+        def __init__(self, optimizer: str):
+            super().__init__()
+            self.optimizer_name = optimizer
+            self.embed = nn.Embedding(VOCAB, 24)
+            self.mix = nn.Linear(24, 40)
+            self.norm = nn.LayerNorm(40)
+            self.head = nn.Linear(40, VOCAB)
 
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(*batch)
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            h = self.norm(F.gelu(self.mix(self.embed(x))))
+            return F.cross_entropy(self.head(h).view(-1, VOCAB), y.view(-1))
 
-    def configure_optimizers(self):
-        cls = ShardedAdamW if self.optimizer_name == "sharded" else torch.optim.AdamW
-        optimizer = cls(self.parameters(), lr=2e-2, weight_decay=0.1)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
-        schedule = {"scheduler": scheduler, "interval": "step"}
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self(*batch)
+
+        def configure_optimizers(self):
+            cls = ShardedAdamW if self.optimizer_name == "sharded" else torch.optim.AdamW
+            optimizer = cls(self.parameters(), lr=2e-2, weight_decay=0.1)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+            schedule = {"scheduler": scheduler, "interval": "step"}
+            return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    return TinyLM
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--package", choices=sorted(PACKAGES), default="lightning")
     ap.add_argument("--optimizer", choices=["sharded", "adamw"], required=True)
     ap.add_argument("--out", required=True, help="final parameters and loss go to OUT.rank<r>")
     ap.add_argument("--ckpt-dir", required=True, help="ModelCheckpoint writes epoch=<e>.ckpt here")
@@ -64,12 +78,17 @@ def main() -> None:
     ap.add_argument("--fp16", action="store_true", help="16-mixed with a loss scaler")
     ap.add_argument("--max-epochs", type=int, default=2)
     args = ap.parse_args()
+    package, strategy_name = PACKAGES[args.package]
+    pl = importlib.import_module(package)
+    ShardedDDPStrategy = getattr(integration, strategy_name)
+    ModelCheckpoint = importlib.import_module(f"{package}.callbacks").ModelCheckpoint
+    MixedPrecision = importlib.import_module(f"{package}.plugins.precision").MixedPrecision
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (64, SEQ), generator=g)
     loader = DataLoader(TensorDataset(x, torch.roll(x, 1, dims=1)), batch_size=4)
-    model = TinyLM(args.optimizer)
+    model = tiny_lm(pl)(args.optimizer)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -88,6 +107,8 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         loss = model(x[:16], torch.roll(x, 1, dims=1)[:16]).item()
+    if args.package == "pytorch_lightning" and "lightning" in sys.modules:
+        raise RuntimeError("a pytorch_lightning run imported the unified lightning package")
     write_result(args.out, model.named_parameters(), loss)
     exit_cleanly()
 
