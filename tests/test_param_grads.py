@@ -109,3 +109,51 @@ def test_several_ranks_match_the_averaged_gradient(world, mode):
         if world == 2:
             assert r["full_equal"] and r["params_equal"], r
         assert r["max_rel_param"] <= 1e-5, r
+
+
+def _gathered(rank: int, world: int, mode: str) -> dict:
+    """Code that reads and changes p.grad inside ``opt.gathered_grads()``: the values are
+    DDP's averaged gradient; a change made there reaches the step; p.grad is None after."""
+    torch.manual_seed(0)
+    model = Odd()
+    ref = copy.deepcopy(model)
+    opt = ShardedAdamW(model.parameters(), lr=1e-2, bucket_cap_mb=0.0005)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    net = DDP(model) if mode == "attached" and world > 1 else model
+    if mode == "attached" and world > 1:
+        opt.attach(net)
+    ref_net = DDP(ref) if world > 1 else ref
+    out = {"grads_equal": True, "none_after": True}
+    for step in range(3):
+        x = torch.randn(4, 11, 7, generator=torch.Generator().manual_seed(10 * step + rank))
+        net(x).pow(2).mean().backward()
+        ref_net(x).pow(2).mean().backward()
+        with opt.gathered_grads():
+            for p, q in zip(model.parameters(), ref.parameters()):
+                out["grads_equal"] &= torch.equal(p.grad, q.grad)
+            model.a.weight.grad.mul_(0.5)  # a change, in place
+            model.c.weight.grad = model.c.weight.grad * 2.0  # a change, replaced
+        ref.a.weight.grad.mul_(0.5)
+        ref.c.weight.grad = ref.c.weight.grad * 2.0
+        out["none_after"] &= all(p.grad is None for p in model.parameters())
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    out["params_equal"] = all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters())
+    )
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def test_gathered_grads_on_one_process():
+    out = _gathered(0, 1, "standalone")
+    assert all(out.values()), out
+
+
+@pytest.mark.parametrize("mode", ["standalone", "attached"])
+def test_gathered_grads_are_ddps_average_and_changes_reach_the_step(mode):
+    for r in distributed.run(_gathered, 2, mode):
+        assert all(r.values()), r

@@ -561,6 +561,14 @@ class ShardedAdamW(Optimizer):
         ``p.grad.mul_(factor)`` does under ``torch.optim.AdamW``."""
         param_grads.scale_grads_(self, list(params), list(factors))
 
+    def gathered_grads(self) -> contextlib.AbstractContextManager:
+        """``with opt.gathered_grads():`` code that reads or changes ``p.grad`` between
+        backward and ``step()`` (a framework hook, a logger) sees every parameter's averaged
+        gradient there, bit for bit; what it leaves in ``p.grad`` goes back into the shards.
+        Collective on entry (one all-reduce per bucket); holds the full gradients while it
+        lasts (see ``param_grads``)."""
+        return param_grads.gathered_grads(self)
+
     def full_grad(self, p: torch.Tensor) -> torch.Tensor | None:
         """Parameter ``p``'s whole averaged gradient (a new tensor shaped like ``p``), what
         ``p.grad`` holds after backward under DDP + ``torch.optim.AdamW``; None where its

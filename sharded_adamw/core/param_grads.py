@@ -12,6 +12,10 @@ estimate) gets it here:
 - ``scale_grads_``: multiply each parameter's gradient by a factor (a scalar, or one per
   output row): each rank scales what it owns; no communication.
 - ``full_grad``: one parameter's whole averaged gradient (an all-reduce of its size).
+- ``gathered_grads``: for a stretch of code that reads ``p.grad`` (a framework hook, a
+  logger): every parameter's ``p.grad`` becomes its averaged gradient (one all-reduce per
+  bucket; the full gradients' memory while it lasts), and what the code leaves in ``p.grad``
+  goes back into the shards at the end.
 
 All three first finish the reduction (``ShardedAdamW.gradient_shards``), so they are
 collectives where that launches one; ``grad_norms`` and ``full_grad`` always are.
@@ -20,9 +24,13 @@ collectives where that launches one; ``grad_norms`` and ``full_grad`` always are
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+
+from .bucket import as_real
 
 if TYPE_CHECKING:
     from .bucket import ShardBucket
@@ -161,3 +169,41 @@ def full_grad(opt: ShardedAdamW, p: torch.Tensor) -> torch.Tensor | None:
     shape = p.shape if not p.is_complex() else (*p.shape, 2)
     out = out.view(shape)
     return torch.view_as_complex(out) if p.is_complex() else out
+
+
+@contextmanager
+def gathered_grads(opt: ShardedAdamW) -> Iterator[None]:
+    """Within the context every parameter whose bucket holds a gradient this step has
+    ``p.grad`` = its averaged gradient, bit for bit (in the parameter's dtype: rounded where
+    the shards keep fp32 for low-precision parameters; zeros where no rank had one); on exit
+    each rank takes its owned part of every ``p.grad`` that was changed (in place or
+    replaced) back into its shard, and ``p.grad`` is None again. Collective on entry (one
+    all-reduce per bucket)."""
+    if opt.full_grads:  # p.grad already is the averaged gradient
+        yield
+        return
+    shards = opt.gradient_shards()
+    opt.sync_params()
+    held = [b for b in opt.buckets if any(t is b.grad for t in shards)]
+    with torch.no_grad():
+        for b in held:
+            S = b.layout.shard_numel
+            flat = torch.zeros(b.layout.padded_numel, dtype=b.grad.dtype, device=b.grad.device)
+            flat[b.rank * S : (b.rank + 1) * S] = b.grad
+            opt.comm.all_reduce_(flat, "sum", shard_only=True)
+            for p, s in zip(b.params, b.layout.slots):
+                shape = p.shape if not p.is_complex() else (*p.shape, 2)
+                g = flat[s.base : s.base + s.numel].view(shape).to(as_real(p).dtype)
+                p.grad = torch.view_as_complex(g) if p.is_complex() else g
+    given = {p: (p.grad, p.grad._version) for b in held for p in b.params}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b in held:
+                for i, (p, s) in enumerate(zip(b.params, b.layout.slots)):
+                    g, version = given[p]
+                    if p.grad is not None and (p.grad is not g or p.grad._version != version):
+                        # changed (in place, or replaced): the shard takes the new values
+                        b.owned(b.grad, i).copy_(as_real(p.grad).reshape(-1)[s.start : s.end])
+                    p.grad = None
