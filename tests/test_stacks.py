@@ -198,6 +198,7 @@ def lightning_runs(tmp_path_factory) -> dict[str, dict]:
         return [LIGHTNING, "--optimizer", optimizer, "--out", out, "--ckpt-dir", ckpt, *extra]
 
     fp16_value = ("--fp16", "--gradient-clip-algorithm", "value", "--gradient-clip-val", "0.01")
+    unclipped = ("--gradient-clip-val", "0")  # clipping's sum order would end bitwise
     torchrun(
         {
             "sharded": launch("sharded", "sharded"),
@@ -206,13 +207,16 @@ def lightning_runs(tmp_path_factory) -> dict[str, dict]:
             "fp16_sharded": launch("fp16_sharded", "sharded", *fp16_value),
             "fp16_adamw": launch("fp16_adamw", "adamw", *fp16_value),
             "fp16_unclipped": launch("fp16_unclipped", "sharded", "--fp16"),
+            "norms_sharded": launch("norms_sharded", "sharded", "--grad-norms", *unclipped),
+            "norms_adamw": launch("norms_adamw", "adamw", "--grad-norms", *unclipped),
         },
         tmp,
     )
     halfway = str(tmp / "sharded" / "epoch=0.ckpt")
     torchrun({"resumed": launch("resumed", "sharded", "--resume", halfway)}, tmp)
     names = ("sharded", "adamw", "unclipped", "resumed", "fp16_sharded", "fp16_adamw")
-    return {name: result(tmp / name / "out") for name in (*names, "fp16_unclipped")}
+    extra = ("fp16_unclipped", "norms_sharded", "norms_adamw")
+    return {name: result(tmp / name / "out") for name in (*names, *extra)}
 
 
 def test_lightning_strategy_matches_ddp_with_adamw(lightning_runs):
@@ -233,6 +237,21 @@ def test_lightning_fp16_loss_scaling_and_value_clipping_match_adamw(lightning_ru
     runs = lightning_runs
     assert_matches(runs["fp16_sharded"], runs["fp16_adamw"], "lightning fp16 + value clip")
     assert_clipping_matters(runs["fp16_unclipped"], runs["fp16_sharded"], "lightning fp16")
+
+
+def test_lightning_grad_norm_in_on_before_optimizer_step_sees_the_averaged_gradient(
+    lightning_runs,
+):
+    """``grad_norm(self, 2)``, Lightning's documented per-layer norms, read ``p.grad``, None
+    under ShardedAdamW; the strategy runs the hook inside ``gathered_grads()``: the same
+    norms as under DDP + AdamW, bit for bit, at every step."""
+    ours, ref = lightning_runs["norms_sharded"], lightning_runs["norms_adamw"]
+    assert ours["norms"] and len(ours["norms"]) == len(ref["norms"])
+    for mine, want in zip(ours["norms"], ref["norms"]):
+        assert mine.keys() == want.keys() and len(mine) > 1
+        for k in want:
+            assert torch.equal(mine[k], want[k]), (k, mine[k], want[k])
+    assert_matches(ours, ref, "lightning with grad_norm hook, sharded vs AdamW")
 
 
 # ---- a Hugging Face Trainer ----------------------------------------------------------------

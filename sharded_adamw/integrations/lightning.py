@@ -69,6 +69,9 @@ class _Lightning(NamedTuple):
     MixedPrecision: type
     GradClipAlgorithmType: type
     MisconfigurationException: type
+    Callback: type
+    call: object  # the package's trainer.call module (its hook dispatch)
+    is_overridden: object
 
     @classmethod
     def load(cls, package: str) -> _Lightning:
@@ -81,6 +84,9 @@ class _Lightning(NamedTuple):
             get("plugins.precision", "MixedPrecision"),
             get("utilities", "GradClipAlgorithmType"),
             get("utilities.exceptions", "MisconfigurationException"),
+            get("callbacks", "Callback"),
+            importlib.import_module(f"{package}.trainer.call"),
+            get("utilities.model_helpers", "is_overridden"),
         )
 
 
@@ -123,6 +129,44 @@ def _route_clipping(plugin, pl: _Lightning) -> None:
 
     plugin.clip_gradients = sharded_clip_gradients
     plugin._sharded_adamw_clip = True
+
+
+def _gather_for_hooks(plugin, pl: _Lightning) -> None:
+    """Make ``on_before_optimizer_step`` hooks see the averaged gradient in ``p.grad``.
+
+    Lightning's documented place to read gradients (``grad_norm(self, 2)`` for per-layer
+    norms, custom callbacks) is that hook, which the precision plugin calls after backward
+    and before clipping (``Precision._after_closure``). Where the LightningModule or a
+    callback overrides it, the hooks run inside ``ShardedAdamW.gathered_grads()`` (one
+    all-reduce per bucket, the full gradients while the hooks run; changes they make to
+    ``p.grad`` reach the step), then the plugin clips the shards as usual. Where nothing
+    overrides it, nothing is gathered."""
+    if getattr(plugin, "_sharded_adamw_hooks", False):
+        return
+    after_closure = plugin._after_closure
+
+    def sharded_after_closure(model, optimizer) -> None:
+        opt = _sharded(optimizer, pl)
+        trainer = model.trainer
+        readers = pl.is_overridden("on_before_optimizer_step", model) or any(
+            pl.is_overridden("on_before_optimizer_step", c, parent=pl.Callback)
+            for c in trainer.callbacks
+        )
+        if opt is None or not readers:
+            return after_closure(model, optimizer)
+        with opt.gathered_grads():
+            pl.call._call_callback_hooks(trainer, "on_before_optimizer_step", optimizer)
+            pl.call._call_lightning_module_hook(trainer, "on_before_optimizer_step", optimizer)
+        plugin._clip_gradients(
+            model,
+            optimizer,
+            trainer.gradient_clip_val,
+            gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+        )
+        return None
+
+    plugin._after_closure = sharded_after_closure
+    plugin._sharded_adamw_hooks = True
 
 
 @functools.cache
@@ -170,6 +214,7 @@ def _strategy_class(name: str) -> type:
                     scaler.load_state_dict(plugin.scaler.state_dict())
                     plugin.scaler = scaler
             _route_clipping(plugin, pl)
+            _gather_for_hooks(plugin, pl)
 
     Strategy.__name__ = Strategy.__qualname__ = name
     Strategy.__module__ = __name__

@@ -7,6 +7,9 @@ checkpoint with ``trainer.fit(ckpt_path=...)``.
 The lines that differ between ``--optimizer sharded`` and ``--optimizer adamw``: the optimizer
 class in ``configure_optimizers`` and ``strategy=ShardedDDPStrategy()`` in place of ``"ddp"``.
 
+``--grad-norms`` logs per-layer gradient norms the documented way, ``grad_norm(self, 2)`` in
+``on_before_optimizer_step``, and saves them with the result.
+
 ``--package pytorch_lightning`` runs the same program on the ``pytorch_lightning`` package
 (``import pytorch_lightning as pl``) with its strategy, ``PLShardedDDPStrategy``, in place of
 the unified ``lightning.pytorch``; that run checks it never imported ``lightning``.
@@ -40,10 +43,13 @@ PACKAGES = {
 def tiny_lm(pl):
     """The LightningModule class, built on ``pl.LightningModule`` of the package chosen."""
 
+    grad_norm = importlib.import_module(f"{pl.__name__}.utilities").grad_norm
+
     class TinyLM(pl.LightningModule):
         def __init__(self, optimizer: str):
             super().__init__()
             self.optimizer_name = optimizer
+            self.norms: list[dict] = []
             self.embed = nn.Embedding(VOCAB, 24)
             self.mix = nn.Linear(24, 40)
             self.norm = nn.LayerNorm(40)
@@ -63,7 +69,11 @@ def tiny_lm(pl):
             schedule = {"scheduler": scheduler, "interval": "step"}
             return {"optimizer": optimizer, "lr_scheduler": schedule}
 
-    return TinyLM
+    class WithGradNorms(TinyLM):
+        def on_before_optimizer_step(self, optimizer) -> None:
+            self.norms.append({k: v.clone() for k, v in grad_norm(self, norm_type=2).items()})
+
+    return TinyLM, WithGradNorms
 
 
 def main() -> None:
@@ -77,6 +87,7 @@ def main() -> None:
     ap.add_argument("--gradient-clip-algorithm", choices=["norm", "value"], default="norm")
     ap.add_argument("--fp16", action="store_true", help="16-mixed with a loss scaler")
     ap.add_argument("--max-epochs", type=int, default=2)
+    ap.add_argument("--grad-norms", action="store_true", help="log grad_norm(self, 2)")
     args = ap.parse_args()
     package, strategy_name = PACKAGES[args.package]
     pl = importlib.import_module(package)
@@ -88,7 +99,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (64, SEQ), generator=g)
     loader = DataLoader(TensorDataset(x, torch.roll(x, 1, dims=1)), batch_size=4)
-    model = tiny_lm(pl)(args.optimizer)
+    model = tiny_lm(pl)[1 if args.grad_norms else 0](args.optimizer)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -109,7 +120,7 @@ def main() -> None:
         loss = model(x[:16], torch.roll(x, 1, dims=1)[:16]).item()
     if args.package == "pytorch_lightning" and "lightning" in sys.modules:
         raise RuntimeError("a pytorch_lightning run imported the unified lightning package")
-    write_result(args.out, model.named_parameters(), loss)
+    write_result(args.out, model.named_parameters(), loss, norms=model.norms)
     exit_cleanly()
 
 

@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 
 
-def write_result(path: str, named_params, loss: float) -> None:
-    """Save this rank's final parameters (by name, on CPU) and ``loss`` to ``path.rank<r>``."""
+def write_result(path: str, named_params, loss: float, **extra) -> None:
+    """Save this rank's final parameters (by name, on CPU), ``loss`` and ``extra`` to
+    ``path.rank<r>``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     params = {n: p.detach().to("cpu", copy=True) for n, p in named_params}
-    torch.save({"params": params, "loss": float(loss)}, f"{path}.rank{rank}")
+    torch.save({"params": params, "loss": float(loss), **extra}, f"{path}.rank{rank}")
 
 
 def exit_cleanly() -> None:
