@@ -1,11 +1,10 @@
 """sharded-adamw: AdamW with its state and gradients sharded across data-parallel ranks."""
 
+from .core import registry as _registry
 from .core.layout import BucketLayout, ParamSlot, owned_range, plan_buckets, shard_size
 from .core.optimizer import ShardedAdamW
-from .integrations.accelerate import install_when_imported
+from .integrations import install as _install
 from .integrations.amp import ShardedGradScaler
-from .integrations.autoattach import watch_ddp
-from .integrations.clip import install as _install_clip_routes
 
 __all__ = [
     "BucketLayout",
@@ -35,6 +34,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-install_when_imported()
-_install_clip_routes()
-watch_ddp()
+# Importing changes nothing in torch: the integrations (torch's clipping routed to the shards,
+# DDP auto-attach, accelerate) are installed at the first ShardedAdamW construction, and not at
+# all with SHARDED_ADAMW_PATCH_TORCH=0 (see integrations/install.py). Only our own callback
+# list changes here.
+if _install.on_optimizer_built not in _registry.on_optimizer_built:
+    _registry.on_optimizer_built.append(_install.on_optimizer_built)

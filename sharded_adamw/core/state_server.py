@@ -163,24 +163,24 @@ class StateServer:
             if opt is None:
                 return
             try:
-                self._answer(opt.buckets, caller, want, nbuckets, loads)
+                self._answer(opt, caller, want, nbuckets, loads)
             except Exception as e:  # noqa: BLE001 - the caller raises; keep serving others
                 logger.warning(
                     "ShardedAdamW: serving state to rank %d failed: %s", ch.ranks[caller], e
                 )
             del opt
 
-    def _answer(
-        self, buckets: list[ShardBucket], caller: int, want: int, nbuckets: int, loads: int
-    ) -> None:
+    def _answer(self, opt, caller: int, want: int, nbuckets: int, loads: int) -> None:
         ch = self._channel
         deadline = time.monotonic() + self.timeout
         while (
-            self.updates_started < want or self.loads < loads or len(buckets) < nbuckets
+            self.updates_started < want or self.loads < loads or len(opt.buckets) < nbuckets
         ) and time.monotonic() < deadline:
             # the caller's step, load or add_param_group finished first; ours is under way
+            # (``opt.buckets`` is read afresh: a bucket list of its own each time)
             time.sleep(0.01)
         with self.lock:
+            buckets = opt.buckets
             have = self.updates_started
             status = OK if have == want else AHEAD if have > want else BEHIND
             if status == OK and nbuckets != len(buckets):

@@ -1,8 +1,8 @@
 """Hugging Face accelerate support: a script that swaps ``torch.optim.AdamW`` for
 ``ShardedAdamW`` needs no other change.
 
-accelerate does three things that are wrong for sharded gradients, and ``install()`` fixes
-each where it happens:
+accelerate does three things that are wrong for sharded gradients, and the ``WRAPPERS`` of
+``Accelerator``'s methods fix each where it happens:
 
 - ``prepare()`` wraps the model in DDP, which would all-reduce full gradients that
   ``ShardedAdamW`` then reduces again: a prepared ``ShardedAdamW`` is attached to the prepared
@@ -13,15 +13,15 @@ each where it happens:
 - fp16 mixed precision uses ``torch.amp.GradScaler``, which reads ``p.grad``: it is replaced by
   a ``ShardedGradScaler`` with the same state.
 
-``sharded_adamw`` calls ``install_when_imported()`` on import, so this happens whether
-accelerate is imported before or after it.
+``install.py`` sets them on ``Accelerator`` when the first ``ShardedAdamW`` is
+built if accelerate is imported by then, else right after ``import accelerate``, so this
+happens whatever the import order; nothing changes on ``import sharded_adamw``.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
+import functools
+from collections.abc import Callable
 
 from torch.nn.parallel import DistributedDataParallel
 
@@ -39,14 +39,8 @@ def _trainable(params) -> set[int]:
     return {id(p) for p in params if p.requires_grad}
 
 
-def install() -> None:
-    """Patch ``accelerate.Accelerator`` (idempotent)."""
-    from accelerate import Accelerator
-
-    if getattr(Accelerator, "_sharded_adamw", False):
-        return
-    prepare, clip = Accelerator.prepare, Accelerator.clip_grad_norm_
-
+def _wrap_prepare(prepare: Callable) -> Callable:
+    @functools.wraps(prepare)
     def patched_prepare(self, *args, **kwargs):
         out = prepare(self, *args, **kwargs)
         objs = out if isinstance(out, tuple) else (out,)
@@ -66,6 +60,11 @@ def install() -> None:
                 acc_opt.scaler = self.scaler
         return out
 
+    return patched_prepare
+
+
+def _wrap_clip_grad_norm_(clip: Callable) -> Callable:
+    @functools.wraps(clip)
     def patched_clip(self, parameters, max_norm, norm_type=2):
         params = list(parameters)
         for acc_opt in self._optimizers:
@@ -77,35 +76,12 @@ def install() -> None:
                 return opt.clip_grad_norm_(max_norm, norm_type)
         return clip(self, params, max_norm, norm_type)
 
-    Accelerator.prepare = patched_prepare
-    Accelerator.clip_grad_norm_ = patched_clip
-    Accelerator._sharded_adamw = True
+    return patched_clip
 
 
-class _InstallAfterImport(importlib.abc.MetaPathFinder):
-    """Runs ``install()`` right after ``import accelerate`` finishes."""
-
-    def find_spec(self, name, path, target=None):
-        if name != "accelerate":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_install(module) -> None:
-            exec_module(module)
-            install()
-
-        spec.loader.exec_module = exec_then_install
-        return spec
-
-
-def install_when_imported() -> None:
-    """``install()`` now if accelerate is imported, else as soon as it is (if installed)."""
-    if "accelerate" in sys.modules:
-        install()
-    elif importlib.util.find_spec("accelerate") is not None:
-        if not any(isinstance(f, _InstallAfterImport) for f in sys.meta_path):
-            sys.meta_path.insert(0, _InstallAfterImport())
+WRAPPERS: dict[str, Callable[[Callable], Callable]] = {
+    "prepare": _wrap_prepare,
+    "clip_grad_norm_": _wrap_clip_grad_norm_,
+}
+"""``accelerate.Accelerator``'s methods that change and, for each, what wraps accelerate's own
+(``functools.wraps`` keeps its signature and metadata). ``install.py`` applies them."""

@@ -5,11 +5,12 @@ shards: standalone, ``p.grad`` is ``None`` (ZeRO-2); attached to DDP, ``p.grad``
 rank's local, unreduced gradient. ``torch.nn.utils.clip_grad_norm_`` on ``p.grad`` would then
 clip nothing, or clip the wrong tensor with a norm that differs per rank, in silence.
 
-So importing ``sharded_adamw`` wraps torch's functions where callers reach them
-(``torch.nn.utils.X`` and ``torch.nn.utils.clip_grad.X``, which is what scripts, Lightning's
-precision plugin and accelerate call): when the given parameters belong to a ``ShardedAdamW``
-the call is computed on its shards, with torch's formulas, and returns what torch returns (the
-global norm, the same on every rank); otherwise torch's own function runs unchanged.
+So torch's functions are wrapped where callers reach them (``torch.nn.utils.X`` and
+``torch.nn.utils.clip_grad.X``, which is what scripts, Lightning's precision plugin and
+accelerate call), by ``install.py`` when the first ``ShardedAdamW`` is built. When the given
+parameters belong to a ``ShardedAdamW`` the call is computed on its shards, with torch's
+formulas, and returns what torch returns (the global norm, the same on every rank); otherwise
+torch's own function runs unchanged.
 
 - ``clip_grad_norm_`` / ``clip_grads_with_norm_``: a norm over all shards (one all-reduce of a
   scalar) and the same ``clamp(max_norm / (norm + 1e-6), max=1)`` scaling of what each rank owns.
@@ -24,22 +25,22 @@ Errors instead of a wrong answer: parameters of a ``ShardedAdamW`` mixed with pa
 have gradients and are not its own (or another optimizer's), or only some of its parameters.
 
 Not detectable: code that reads or scales ``p.grad`` by hand, and a reference taken with
-``from torch.nn.utils import clip_grad_norm_`` before ``sharded_adamw`` was imported. Use
-``opt.clip_grad_norm_`` there.
+``from torch.nn.utils import clip_grad_norm_`` before the first ``ShardedAdamW`` was built
+(or with the routing turned off, see ``install.py``). Use ``opt.clip_grad_norm_`` there.
 """
 
 from __future__ import annotations
 
 import functools
+import types
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.utils
-import torch.nn.utils.clip_grad as clip_grad_module
 
 from ..core.clipping import clamp_values, scale_by_norm, total_norm
-from ..core.registry import live_optimizers, owners
+from ..core.registry import owners, sharding_grads
 
 if TYPE_CHECKING:
     from ..core.optimizer import ShardedAdamW
@@ -85,10 +86,16 @@ def _route_clip_grad_norm_(original: Callable) -> Callable:
     def clip_grad_norm_(
         parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None
     ) -> torch.Tensor:
+        generator = isinstance(parameters, types.GeneratorType)
         if isinstance(parameters, Iterable) and not isinstance(parameters, torch.Tensor):
             parameters = list(parameters)
         opt = _owner(parameters, "clip_grad_norm_")
         if opt is None:
+            if generator and not parameters:  # torch's warning, which the list() would hide
+                warnings.warn(
+                    "`parameters` is an empty generator, no gradient clipping will occur.",
+                    stacklevel=2,
+                )
             return original(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
         norm = total_norm(opt, norm_type, error_if_nonfinite)
         scale_by_norm(opt, float(max_norm), norm)
@@ -138,7 +145,7 @@ def _route_get_total_norm(original: Callable) -> Callable:
             tensors = list(tensors)
         given = [tensors] if isinstance(tensors, torch.Tensor) else tensors
         grad_of = {
-            id(p.grad): p for o in live_optimizers() for p in o.owned_params() if p.grad is not None
+            id(p.grad): p for o in sharding_grads() for p in o.owned_params() if p.grad is not None
         }
         params = [grad_of[id(t)] for t in given if id(t) in grad_of]
         if not params:
@@ -155,23 +162,18 @@ def _route_get_total_norm(original: Callable) -> Callable:
     return get_total_norm
 
 
-_ROUTES = {
+ROUTES: dict[str, Callable[[Callable], Callable]] = {
     "clip_grad_norm_": _route_clip_grad_norm_,
     "clip_grads_with_norm_": _route_clip_grads_with_norm_,
     "clip_grad_value_": _route_clip_grad_value_,
     "get_total_norm": _route_get_total_norm,
 }
+"""Torch's public clipping functions and, for each, what wraps it (``route(torch_fn)`` is the
+routed function). ``install.py`` applies them; torch's own ``clip_grad_norm_`` calls its
+private helpers, which stay unwrapped, so calls that are not routed run torch's code."""
 
 
-def install() -> None:
-    """Wrap torch's public clipping functions in ``torch.nn.utils`` and
-    ``torch.nn.utils.clip_grad`` (idempotent). Torch's own ``clip_grad_norm_`` calls its
-    private helpers, which stay unwrapped, so calls that are not routed run torch's code."""
-    for module in (torch.nn.utils, clip_grad_module):
-        for name, route in _ROUTES.items():
-            fn = getattr(module, name, None)
-            if fn is None or getattr(fn, "_sharded_adamw", False):
-                continue
-            wrapped = route(fn)
-            wrapped._sharded_adamw = True
-            setattr(module, name, wrapped)
+def routed(name: str) -> Callable:
+    """Torch's clipping function ``name`` (a key of ``ROUTES``), routed, without setting it
+    anywhere: for scripts that turned the install off (``install.py``)."""
+    return ROUTES[name](getattr(torch.nn.utils, name))
