@@ -21,6 +21,9 @@ change:
   class's instances, so this pass, linear in the size of the heap, is the one way to see
   them; it runs once per install and only when a default process group exists (no DDP model
   can exist without one). Torch's warnings from DDP's constructor still name the user's line.
+- timm's ``adaptive_clip_grad`` (``timm.py``), where timm binds it, at once if timm is
+  imported, else right after ``timm.utils.clip_grad`` is: adaptive gradient clipping reads
+  and rescales ``p.grad`` per row, and on a ``ShardedAdamW``'s parameters runs on the shards.
 - ``accelerate.Accelerator.prepare`` and ``clip_grad_norm_`` are wrapped (``accelerate.py``):
   at once if accelerate is imported, else right after ``import accelerate`` (a finder at the
   head of ``sys.meta_path`` that removes itself when it fires).
@@ -69,6 +72,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import accelerate as accelerate_support
 from . import autoattach, clip
+from . import timm as timm_support
 
 if TYPE_CHECKING:
     from ..core.optimizer import ShardedAdamW
@@ -82,7 +86,7 @@ _lock = threading.RLock()
 _patches: list[tuple[object, str, Callable, Callable]] = []
 _installed = False
 _disabled = False
-_finder: _AfterImport | None = None
+_finders: list[_AfterImport] = []
 
 
 def installed() -> bool:
@@ -127,7 +131,7 @@ def install() -> None:
 def _install(stacklevel: int) -> None:
     """``install()``, with the ``stacklevel`` of its warning (counted from the function that
     issues it) that names the caller's line."""
-    global _installed, _disabled, _finder
+    global _installed, _disabled
     with _lock:
         _disabled = False
         if _installed:
@@ -140,26 +144,27 @@ def _install(stacklevel: int) -> None:
         _patch(DistributedDataParallel, "__init__", autoattach.recording_init, made)
         _installed = True
         autoattach.record_existing()
-        if "accelerate" in sys.modules:
-            _patch_accelerate()
-        elif _finder is None and _findable("accelerate"):
-            _finder = _AfterImport("accelerate", _patch_accelerate)
-            sys.meta_path.insert(0, _finder)
+        for module, patch in (("accelerate", _patch_accelerate), (TIMM_CLIP, _patch_timm)):
+            if module in sys.modules:
+                patch()
+            elif _findable(module.partition(".")[0]):
+                _finders.append(_AfterImport(module, patch))
+                sys.meta_path.insert(0, _finders[-1])
 
 
 def uninstall() -> None:
     """Put back torch's and accelerate's originals, remove the import finder, and install
     nothing at later ``ShardedAdamW`` constructions (until ``install()``). Idempotent."""
-    global _installed, _disabled, _finder
+    global _installed, _disabled
     with _lock:
         _disabled = True
         for owner, name, original, ours in reversed(_patches):
             if vars(owner).get(name) is ours:
                 setattr(owner, name, original)
         _patches.clear()
-        if _finder is not None:
-            _finder.remove()
-            _finder = None
+        for finder in _finders:
+            finder.remove()
+        _finders.clear()
         _installed = False
 
 
@@ -200,6 +205,22 @@ def _findable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+TIMM_CLIP = "timm.utils.clip_grad"
+"""The last of timm's modules that binds ``adaptive_clip_grad``: patched once it has run."""
+
+
+def _patch_timm() -> None:
+    """Route timm's ``adaptive_clip_grad`` wherever timm binds it, if still installed."""
+    with _lock:
+        if not _installed:
+            return
+        made: dict = {}
+        for name in timm_support.MODULES:
+            module = sys.modules.get(name)
+            if module is not None:
+                _patch(module, "adaptive_clip_grad", timm_support.route_adaptive_clip_grad, made)
 
 
 def _patch_accelerate() -> None:
