@@ -36,7 +36,9 @@ class Odd(nn.Module):
         return self.c(h)
 
 
-def _programs(rank: int, world: int, mode: str) -> dict:
+def _pair(world: int, mode: str) -> tuple:
+    """The same ``Odd`` model twice: ShardedAdamW (attached to DDP in ``mode`` "attached")
+    and DDP + torch AdamW."""
     torch.manual_seed(0)
     model = Odd()
     ref = copy.deepcopy(model)
@@ -46,6 +48,11 @@ def _programs(rank: int, world: int, mode: str) -> dict:
     if mode == "attached" and world > 1:
         opt.attach(net)
     ref_net = DDP(ref) if world > 1 else ref
+    return model, net, opt, ref, ref_net, ref_opt
+
+
+def _programs(rank: int, world: int, mode: str) -> dict:
+    model, net, opt, ref, ref_net, ref_opt = _pair(world, mode)
     out = {"norm_rel": 0.0, "norm_equal": True, "full_equal": True, "params_equal": True}
     for step in range(3):
         x = torch.randn(4, 11, 7, generator=torch.Generator().manual_seed(10 * step + rank))
@@ -114,15 +121,7 @@ def test_several_ranks_match_the_averaged_gradient(world, mode):
 def _gathered(rank: int, world: int, mode: str) -> dict:
     """Code that reads and changes p.grad inside ``opt.gathered_grads()``: the values are
     DDP's averaged gradient; a change made there reaches the step; p.grad is None after."""
-    torch.manual_seed(0)
-    model = Odd()
-    ref = copy.deepcopy(model)
-    opt = ShardedAdamW(model.parameters(), lr=1e-2, bucket_cap_mb=0.0005)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    net = DDP(model) if mode == "attached" and world > 1 else model
-    if mode == "attached" and world > 1:
-        opt.attach(net)
-    ref_net = DDP(ref) if world > 1 else ref
+    model, net, opt, ref, ref_net, ref_opt = _pair(world, mode)
     out = {"grads_equal": True, "none_after": True}
     for step in range(3):
         x = torch.randn(4, 11, 7, generator=torch.Generator().manual_seed(10 * step + rank))
