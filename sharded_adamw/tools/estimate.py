@@ -842,6 +842,56 @@ def _dtype_label(specs: Iterable[TensorSpec]) -> str:
     return "mixed (" + ", ".join(f"{dt} x {n:,}" for dt, n in counts.most_common()) + ")"
 
 
+def _sizes_for(
+    params: int | None,
+    num_tensors: int | None,
+    tensors: Sequence[TensorSpec] | None,
+    dtype: str,
+) -> tuple[Sizes, str]:
+    """The tensors to estimate, and the report's line saying which split was assumed: the
+    model's own (``tensors``), ``num_tensors`` equal ones, or a LLaMA-style transformer of
+    about ``params`` (one tensor where ``params`` is too few for it)."""
+    if tensors is not None:
+        return _tensors(tensors, dtype), ""
+    if num_tensors is not None:
+        sizes = even_split(params, num_tensors)
+        split = " and ".join(f"{c:,} of {n:,} elements" for n, c in sizes.items())
+        return sizes, (
+            f"- Tensors: {split} (the parameters split evenly over --num-tensors {num_tensors:,})."
+        )
+    try:
+        shape = transformer_split(params)
+    except ValueError as e:
+        return even_split(params, 1), (
+            f"- Tensors: one of {params:,} elements: {e}; pass --num-tensors K for K equal "
+            "tensors, or --model or --hf-config for your own model."
+        )
+    return _tensors(shape.tensors(dtype), dtype), (
+        "- Assumed a decoder-only transformer (LLaMA-style, the rule of "
+        f"estimate.transformer_split): {shape.describe()}; pass --model or --hf-config "
+        "for your own model, or --num-tensors K for K equal tensors."
+    )
+
+
+def _model_line(specs: Sequence[TensorSpec], source: str, frozen: list) -> str:
+    """The report's line describing a model's own tensors."""
+    groups = len({t.group for t in specs})
+    trainable = sum(1 for t in specs if t.trainable)
+    largest = max((t for t in specs if t.trainable), key=lambda t: t.numel)
+    line = (
+        f"- Tensors of {source or 'the model'}: {trainable:,} trainable in {groups} param "
+        f"group{'s' if groups > 1 else ''}, the largest {largest.name or 'unnamed'} "
+        f"({largest.numel:,} elements)"
+    )
+    if frozen:
+        n = sum(t.numel for t in frozen)
+        line += (
+            f"; {len(frozen):,} frozen ({n:,} parameters: every rank holds them, "
+            "ShardedAdamW defers them, no gradient or state)"
+        )
+    return line + "."
+
+
 def render_estimate(
     params: int | None,
     world_size: int,
@@ -866,31 +916,7 @@ def render_estimate(
     dtype = dtype or "fp32"
     S = shard_size(world_size, replicas)
     nodes = math.ceil(world_size / gpus_per_node)
-    split_line = ""
-    if tensors is not None:
-        sizes: Sizes = _tensors(tensors, dtype)
-    elif num_tensors is not None:
-        sizes = even_split(params, num_tensors)
-        split = " and ".join(f"{c:,} of {n:,} elements" for n, c in sizes.items())
-        split_line = (
-            f"- Tensors: {split} (the parameters split evenly over --num-tensors {num_tensors:,})."
-        )
-    else:
-        try:
-            shape = transformer_split(params)
-        except ValueError as e:
-            sizes = even_split(params, 1)
-            split_line = (
-                f"- Tensors: one of {params:,} elements: {e}; pass --num-tensors K for K equal "
-                "tensors, or --model or --hf-config for your own model."
-            )
-        else:
-            sizes = _tensors(shape.tensors(dtype), dtype)
-            split_line = (
-                "- Assumed a decoder-only transformer (LLaMA-style, the rule of "
-                f"estimate.transformer_split): {shape.describe()}; pass --model or --hf-config "
-                "for your own model, or --num-tensors K for K equal tensors."
-            )
+    sizes, split_line = _sizes_for(params, num_tensors, tensors, dtype)
     resolved = _tensors(sizes, dtype)
     if not any(t.trainable and t.numel for t in resolved.specs):
         raise ValueError(f"{source or 'the model'} has no trainable parameters to estimate")
@@ -900,21 +926,7 @@ def render_estimate(
     frozen = [t for t in resolved.specs if not t.trainable]
     pad = flat.over_buckets(lambda dt: 1, padded=True) - P
     if tensors is not None:
-        groups = len({t.group for t in resolved.specs})
-        trainable = sum(1 for t in resolved.specs if t.trainable)
-        largest = max((t for t in resolved.specs if t.trainable), key=lambda t: t.numel)
-        split_line = (
-            f"- Tensors of {source or 'the model'}: {trainable:,} trainable in {groups} param "
-            f"group{'s' if groups > 1 else ''}, the largest {largest.name or 'unnamed'} "
-            f"({largest.numel:,} elements)"
-        )
-        if frozen:
-            n = sum(t.numel for t in frozen)
-            split_line += (
-                f"; {len(frozen):,} frozen ({n:,} parameters: every rank holds them, "
-                "ShardedAdamW defers them, no gradient or state)"
-            )
-        split_line += "."
+        split_line = _model_line(resolved.specs, source, frozen)
     header = f"# {P:,} parameters" if not frozen else f"# {P:,} trainable parameters"
     out = [
         f"{header}, {label}, {world_size} ranks on {nodes} "
