@@ -97,3 +97,46 @@ def test_several_ranks_match_ddp_adamw(world, mode):
             assert r["grads_equal"] and r["params_equal"], r
         else:
             assert r["max_rel"] <= 1e-5, r
+
+
+def _unused_everywhere(rank: int, world: int, mode: str) -> dict:
+    """A block no rank uses for a while (in a step of two micro-batches), with
+    ``zero_grad(set_to_none=False)``: DDP leaves its p.grad None, so AdamW does not step it;
+    it must not step here either, nor get a p.grad."""
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    opt = ShardedAdamW(model.parameters(), lr=1e-2, full_grads=True, bucket_cap_mb=0.0005)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    net, ref_net = model, ref
+    if world > 1:
+        ref_net = DDP(ref, find_unused_parameters=True)
+        if mode == "attached":
+            net = DDP(model, find_unused_parameters=True)
+            opt.attach(net)
+    out = {"params_equal": True, "grads_agree": True}
+    for step in range(4):
+        for micro in range(2):
+            x = torch.randn(3, 7, generator=torch.Generator().manual_seed(10 * step + micro + rank))
+            use_side = step >= 2  # unused on every rank in steps 0 and 1
+            net(x, use_side).pow(2).mean().backward()
+            ref_net(x, use_side).pow(2).mean().backward()
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            out["grads_agree"] &= (p.grad is None) == (q.grad is None)
+        opt.zero_grad(set_to_none=False)
+        ref_opt.zero_grad(set_to_none=False)
+    out["params_equal"] = all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters())
+    )
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["standalone", "attached"])
+def test_a_parameter_unused_everywhere_gets_no_gradient_and_no_step(mode):
+    assert all(_unused_everywhere(0, 1, mode).values())
+    for r in distributed.run(_unused_everywhere, 2, mode):
+        assert all(r.values()), r

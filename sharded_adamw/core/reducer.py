@@ -60,6 +60,7 @@ class BucketGrads:
         self.kept = [False] * n
         self.stepped = [False] * n  # agreed presence of the last step
         self.delivered = [False] * n  # attached, in place: an average reached this slot
+        self.written: dict[int, tuple] = {}  # full_grads: p.grad we created, and its version
         self.arrived = 0  # gradients that arrived in the current backward
         self.arrivals: list[torch.Tensor | None] = []  # attached, staging: DDP's views
         self.slot: tuple = ()  # (device, index) of its BufferPool slot
@@ -123,12 +124,17 @@ class BucketGrads:
         return handle.and_then(lambda: self._write_grads(scale))
 
     def _write_grads(self, scale: float) -> None:
-        for p, view in zip(self.bucket.params, self._views):
+        for i, (p, view) in enumerate(zip(self.bucket.params, self._views)):
             avg = view.view(as_real(p).shape)
             avg = avg if scale == 1.0 else avg * scale
-            if p.grad is None:
+            if p.grad is None:  # no gradient here; perhaps on another rank (``written``)
                 p.grad = torch.empty_like(p)
-            as_real(p.grad).copy_(avg)
+                as_real(p.grad).copy_(avg)
+                self.written[i] = (p.grad, p.grad._version)
+            else:
+                as_real(p.grad).copy_(avg)
+                if i in self.written and self.written[i][0] is p.grad:
+                    self.written[i] = (p.grad, p.grad._version)  # our copy, not a backward
 
     def take_from_grads(self) -> None:
         """``full_grads``: the shard becomes this rank's owned part of every parameter's
@@ -432,6 +438,29 @@ class FullGradReducer(HookReducer):
     the optimizer state stays sharded."""
 
     always_hooks = True  # p.grad must hold the average when backward ends, as with DDP
+
+    def local_grads(self, bucket: ShardBucket) -> list[torch.Tensor | None]:
+        """As for ``HookReducer``, except that a ``p.grad`` this reducer created (the
+        average, for a parameter without a gradient here) and that no backward has added to
+        since is staged but not counted as this rank's gradient."""
+        record = self.records[bucket]
+        before = list(record.present)
+        grads = super().local_grads(bucket)
+        for i, p in enumerate(bucket.params):
+            mine = record.written.get(i)
+            if mine is not None and p.grad is mine[0] and p.grad._version == mine[1]:
+                record.present[i] = before[i]
+        return grads
+
+    def consumed(self, present: list[list[bool]]) -> None:
+        """A parameter that no rank had a gradient for gets no ``p.grad``, as under DDP."""
+        for b, bp in zip(self.buckets, present):
+            record = self.records[b]
+            for i, (g, _) in record.written.items():
+                if not bp[i] and b.params[i].grad is g:
+                    b.params[i].grad = None
+            record.written.clear()
+        super().consumed(present)
 
     def start_local(self, bucket: ShardBucket) -> None:
         record = self.records[bucket]
