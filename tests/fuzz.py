@@ -3,7 +3,8 @@
 A *program* is drawn from ``(seed, world)`` (``generate``): a small model (odd/prime sizes,
 tied weights, parameters larger than a bucket), 1-3 param groups with their own
 hyperparameters, optimizer options (attached to DDP or standalone, foreach, overlap_comm,
-overlap_param_gather, bucket size, compile, bf16 with fp32 masters), an LR scheduler, and a
+overlap_param_gather, full_grads, bucket size, compile, bf16 with fp32 masters), an LR
+scheduler, and a
 list of steps. Each step has 1-3 micro-batches (with or without ``no_sync``), a presence
 pattern per micro-batch and rank (every block present, used times zero, or not used at all),
 ``zero_grad(set_to_none=...)`` and events before its forward: freeze / unfreeze a block,
@@ -142,6 +143,7 @@ class Program:
     compile: str  # none | torch.compile | model.compile
     sched: str  # none | step | cosine | onecycle
     steps: list[StepSpec]
+    full_grads: bool = False  # ZeRO-1 with p.grad kept (fp32 programs)
 
     def impl(self) -> dict:
         """The implementation keywords both optimizers get."""
@@ -186,6 +188,8 @@ class Program:
             opts.append("overlap_comm=False")
         if self.overlap_param_gather:
             opts.append("overlap_param_gather=True")
+        if self.full_grads:
+            opts.append("full_grads=True")
         groups = ", ".join(g.show() for g in self.groups)
         opt_line = f"opt = ShardedAdamW([{groups}], {', '.join(opts)})"
         ddp = f"net = DDP(model, find_unused_parameters={self.find_unused()}" + (
@@ -366,6 +370,7 @@ def generate(seed: int, world: int) -> Program:
         compile=compile_mode,
         sched=sched,
         steps=steps,
+        full_grads=not bf16 and r() < 0.2,  # drawn last: the other draws stay as they were
     )
 
 
@@ -530,6 +535,7 @@ class Side:
             bucket_cap_mb=prog.bucket_cap_mb,
             overlap_comm=prog.overlap_comm,
             overlap_param_gather=prog.overlap_param_gather,
+            full_grads=prog.full_grads,
         )
         if prog.mode == "attach":
             kw = dict(gradient_as_bucket_view=True) if prog.bucket_view else {}
@@ -908,6 +914,7 @@ def _candidates(p: Program):
                 yield _with_micro(p, i, k, [{u: "p" for u in d} for d in per])
     for k, v in (
         ("overlap_param_gather", False),
+        ("full_grads", False),
         ("overlap_comm", True),
         ("bucket_cap_mb", 25.0),
         ("foreach", None),
@@ -956,6 +963,8 @@ def valid(p: Program) -> bool:
     """Shrinking must keep the oracle defined (the generator's constraints)."""
     if not p.groups or not p.steps:
         return False
+    if p.full_grads and p.bf16:
+        return False  # p.grad in bf16 holds a rounded average: not the oracle's fp32 one
     if p.world > 1 or p.mode == "attach":
         if any(e.kind == "unfreeze" for s in p.steps for e in s.events):
             return False

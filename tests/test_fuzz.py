@@ -92,6 +92,7 @@ def test_generator_draws_every_dimension():
         "model.compile",
         "bucket_lt_param",
         "frozen0",
+        "full_grads",
     }
     assert want <= seen, sorted(want - seen)
     p = fuzz.generate(3, 2)
@@ -105,6 +106,7 @@ def _features(p: fuzz.Program) -> set[str]:
     f |= {"no_overlap_comm"} if not p.overlap_comm else set()
     f |= {"overlap_param_gather"} if p.overlap_param_gather else set()
     f |= {"frozen0"} if p.frozen0 else set()
+    f |= {"full_grads"} if p.full_grads else set()
     f |= {f"groups{len(p.groups)}"}
     f |= {k for g in p.groups for k in ("amsgrad", "maximize") if getattr(g, k)}
     biggest = max(
