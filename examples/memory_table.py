@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
-from benchmarks import peak_markdown, peak_table
-from sharded_adamw.tools.estimate import estimate_peak
-from sharded_adamw.tools.peak import PeakMemory
+# the benchmark is not installed with the package: it is read from this checkout
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import peak_markdown, peak_table  # noqa: E402
+from sharded_adamw.tools.estimate import estimate_peak  # noqa: E402
+from sharded_adamw.tools.peak import PeakMemory  # noqa: E402
 
 SETUP = {  # bench contender -> estimate_peak row
     "DDP + AdamW": "ddp",
