@@ -63,7 +63,7 @@ def _master_weights(rank: int, dtype: torch.dtype, mode: str, reduce_dtype=None)
             rel = max(rel, ((got - want).abs().max() / want.abs().max()).item())
     params = compare(ref.model, model)
     cast_equal = all(  # every rank checks the elements it owns: together, all of them
-        torch.equal(b.param_owned(i), b.owned(b.master, i).to(dtype))
+        torch.equal(b.param_owned(i), b.owned(b.master.data, i).to(dtype))
         for b, i in map(opt.slot_of, opt.owned_params())
     )
     return {

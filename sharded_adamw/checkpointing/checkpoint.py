@@ -56,7 +56,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.nn.parallel import DistributedDataParallel
 
+from ..core.bucket import ShardBucket
 from ..core.optimizer import RUNTIME_KEYS, ShardedAdamW
+from ..core.state_formats import BLOCK, BlockwiseInt8
 from .boxes import flat_range_boxes
 
 FORMAT = "sharded-adamw/2"
@@ -120,6 +122,10 @@ def save_checkpoint(
         names[p]: {
             "step": o.step,
             **{k: ranks.boxes(t, p.shape, o) for k, t in o.tensors.items() if k != "master_param"},
+            **{
+                k: ranks.boxes(t, _codes_shape(k, p), o if k.endswith("_codes") else o.blocks())
+                for k, t in o.codes.items()
+            },
         }
         for p, o in owned.items()
     }
@@ -210,6 +216,13 @@ def load_checkpoint(
             temps[p][k] = torch.empty_like(o.tensors[k])
             want[fmt.state(name, k)] = (shape, o.tensors[k].dtype, what)
             first[fmt.state(name, k)] = ranks.boxes(temps[p][k], shape, o)
+        if all(fmt.state(name, k) in saved for k in o.codes):  # int8 state read as saved
+            for k, t in o.codes.items():
+                temps[p][k] = torch.empty_like(t)
+                what = f"optimizer state {k!r} of parameter {name!r}"
+                want[fmt.state(name, k)] = (_codes_shape(k, p), t.dtype, what)
+                where_ = o if k.endswith("_codes") else o.blocks()
+                first[fmt.state(name, k)] = ranks.boxes(temps[p][k], _codes_shape(k, p), where_)
     for p, o in owned.items():
         if "master_param" in o.tensors and not fmt.old:
             temps.setdefault(p, {})["master_param"] = torch.empty_like(o.tensors["master_param"])
@@ -233,6 +246,12 @@ def load_checkpoint(
                     t.copy_(p.detach().reshape(-1)[o.start : o.end])
                 else:
                     t.zero_()
+        for b in {id(o.bucket): o for o in owned.values()}.values():
+            b.bucket.store_buffers(b.buffers)  # rounded, quantized, remainders taken
+        for p, o in owned.items():  # int8 state saved as codes: exactly as it was
+            for k, t in o.codes.items():
+                if k in temps.get(p, {}):
+                    t.copy_(temps[p][k])
     for g, sg in zip(opt.param_groups, groups):
         g.update({k: v for k, v in sg.items() if k not in RUNTIME_KEYS})
     return extra
@@ -272,6 +291,18 @@ class OwnedState:
     tensors: dict[str, torch.Tensor]
     step: torch.Tensor
     ranges: list[tuple[int, int]]  # every shard rank's owned flat range, in rank order
+    bucket: ShardBucket
+    buffers: dict[str, torch.Tensor]  # the bucket's ``state_buffers()``, which ``tensors`` cut
+    codes: dict[str, torch.Tensor] = field(default_factory=dict)  # int8 state, live views:
+    # ``<key>_codes`` (one per element) and ``<key>_scales`` (one per block, see ``blocks``)
+
+    def blocks(self) -> OwnedState:
+        """The same ownership counted in int8 blocks: a parameter's blocks start at its first
+        element and every owned range starts at a block (``layout.py``)."""
+        up = lambda n: -(-n // BLOCK)  # noqa: E731
+        ranges = [(s // BLOCK, up(e)) if e > s else (up(e), up(e)) for s, e in self.ranges]
+        start, end = (self.start // BLOCK, up(self.end)) if self.end > self.start else (0, 0)
+        return OwnedState(start, end, {}, self.step, ranges, self.bucket, {})
 
 
 def owned_state(opt: ShardedAdamW) -> dict[torch.Tensor, OwnedState]:
@@ -279,16 +310,25 @@ def owned_state(opt: ShardedAdamW) -> dict[torch.Tensor, OwnedState]:
     the optimizer's internals (buckets, slots, state buffers), read-only."""
     out = {}
     for b in opt.buckets:
-        buffers = {
-            "exp_avg": b.exp_avg,
-            "exp_avg_sq": b.exp_avg_sq,
-            "max_exp_avg_sq": b.max_exp_avg_sq,
-            "master_param": b.master,
-        }
+        buffers = b.state_buffers()
         for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
-            tensors = {k: b.owned(t, i) for k, t in buffers.items() if t is not None}
-            out[p] = OwnedState(slot.start, slot.end, tensors, b.steps[i], b.layout.ranges(i))
+            tensors = {k: b.owned(t, i) for k, t in buffers.items()}
+            codes = {}
+            for key, store in b.moments.items():
+                if isinstance(store, BlockwiseInt8):
+                    lo, hi = b.block_range(i)
+                    codes[f"{key}_codes"] = b.owned(store.codes, i)
+                    codes[f"{key}_scales"] = store.scales[lo // BLOCK : hi // BLOCK]
+            out[p] = OwnedState(
+                slot.start, slot.end, tensors, b.steps[i], b.layout.ranges(i), b, buffers, codes
+            )
     return out
+
+
+def _codes_shape(key: str, p: torch.Tensor) -> tuple:
+    """The checkpoint shape of an int8 entry of ``p``: codes shaped like ``p``, scales one
+    per block of its flat elements."""
+    return tuple(p.shape) if key.endswith("_codes") else (-(-p.numel() // BLOCK),)
 
 
 # ---- formats ---------------------------------------------------------------------------------
@@ -484,7 +524,7 @@ def _check_tensors(
     problems += [
         f"{fmt.describe(key)} is in the checkpoint but not here"
         for key in saved
-        if fmt.is_tensor_entry(key) and key not in want
+        if fmt.is_tensor_entry(key) and key not in want and not _is_int8_entry(key)
     ]
     if problems:
         shown = "\n  ".join(problems[:8]) + ("\n  ..." if len(problems) > 8 else "")
@@ -494,6 +534,12 @@ def _check_tensors(
             + ("; amsgrad and master weights must be as when saved" if hint else "")
             + f"):\n  {shown}"
         )
+
+
+def _is_int8_entry(key: str) -> bool:
+    """Whether ``key`` holds int8 state (codes or scales), which a run without int8 state
+    skips: it reads the same state dequantized under the torch keys."""
+    return key.startswith("optim.state.") and key.endswith(("_codes", "_scales"))
 
 
 def _check_groups(where: Path, saved: list[dict], mine: list[list[str]]) -> None:

@@ -15,8 +15,10 @@ import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from .layout import BucketLayout
+from .state_formats import BLOCK, BlockwiseInt8, Plain, Remainders, Store
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+MOMENTS = ("exp_avg", "exp_avg_sq")  # and ``max_exp_avg_sq`` with amsgrad
 
 
 def as_real(t: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,8 @@ class ShardBucket:
         rank: int,
         master_weights: bool,
         reduce_dtype: torch.dtype | None,
+        state_dtype: torch.dtype = torch.float32,
+        remainders: bool = False,
     ):
         self.layout = layout
         self.params = params
@@ -77,11 +81,17 @@ class ShardBucket:
         self.outside: dict[int, int] = {}
         self._versions = [-1] * len(params)
         self.adopt()
-        self.master = self.shard.to(torch.float32, copy=True) if low else None
-        self.exp_avg = self.state_zeros(S)
-        self.exp_avg_sq = self.state_zeros(S)
-        self.max_exp_avg_sq = self.state_zeros(S) if group["amsgrad"] else None
-        self.grad = self.state_zeros(S)  # this rank's shard of the averaged gradient
+        self.master: Store | None = None
+        if low and remainders and self.param_dtype == torch.bfloat16:
+            self.master = Remainders(self.shard)
+        elif low:
+            self.master = Plain(self.shard.to(torch.float32, copy=True), torch.float32)
+        # fp32 state may be kept smaller (``state_formats``); other update dtypes keep theirs
+        self.state_dtype = state_dtype if self.update_dtype == torch.float32 else self.update_dtype
+        self.moments: dict[str, Store] = {k: self._store(k) for k in MOMENTS}
+        if group["amsgrad"]:
+            self.add_max_exp_avg_sq()
+        self.grad = torch.zeros(S, dtype=self.update_dtype, device=self.device)  # averaged
         step_device = self.device if group["fused"] else torch.device("cpu")
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=step_device)
         self.first_step = self.steps[0]  # stands for all when they step together
@@ -142,6 +152,12 @@ class ShardBucket:
         s = self.layout.slots[i]
         return flat[s.offset : s.offset + s.owned]
 
+    def block_range(self, i: int) -> tuple[int, int]:
+        """Slot ``i``'s owned part in this rank's shard, widened to whole int8 blocks (the
+        blocks past a parameter's end hold only padding)."""
+        s = self.layout.slots[i]
+        return (s.offset, _round_up(s.offset + s.owned, BLOCK)) if s.owned else (0, 0)
+
     def param_owned(self, i: int) -> torch.Tensor:
         """This rank's owned elements of parameter ``i`` (a view of the parameter)."""
         return self.owned(self.shard, i)
@@ -164,10 +180,15 @@ class ShardBucket:
             self._versions = versions
             return
         for i in range(len(self.params)):
-            if versions[i] != self._versions[i]:
-                master, current = self.owned(self.master, i), self.param_owned(i)
-                differs = (master.to(self.param_dtype) != current).any()
-                master.copy_(torch.where(differs, current, master))
+            if versions[i] == self._versions[i]:
+                continue
+            if isinstance(self.master, Remainders):
+                s = self.layout.slots[i]
+                self.master.reseed(s.offset, _round_up(s.offset + s.owned, 8))
+                continue
+            master, current = self.owned(self.master.data, i), self.param_owned(i)
+            differs = (master.to(self.param_dtype) != current).any()
+            master.copy_(torch.where(differs, current, master))
         self._versions = versions
 
     def step_counts(self) -> array:
@@ -212,31 +233,64 @@ class ShardBucket:
         self._step_counts = array("f", counts)
         self._steps_version = self.steps._version
 
-    def state_of(self, i: int) -> dict:
-        """The ``opt.state`` entry of slot ``i``: live views of this rank's owned elements."""
-        state = {
-            "step": self.steps[i],
-            "exp_avg": self.owned(self.exp_avg, i),
-            "exp_avg_sq": self.owned(self.exp_avg_sq, i),
-        }
-        if self.max_exp_avg_sq is not None:
-            state["max_exp_avg_sq"] = self.owned(self.max_exp_avg_sq, i)
+    def _store(self, key: str) -> Store:
+        S = self.layout.shard_numel
+        if self.state_dtype == torch.int8:
+            return BlockwiseInt8(S, signed=key == "exp_avg", device=self.device)
+        data = torch.zeros(S, dtype=self.state_dtype, device=self.device)
+        return Plain(data, self.update_dtype)
+
+    def add_max_exp_avg_sq(self) -> None:
+        """amsgrad's state (when a group turns amsgrad on, from a load or by hand)."""
+        if "max_exp_avg_sq" not in self.moments:
+            self.moments["max_exp_avg_sq"] = self._store("max_exp_avg_sq")
+
+    def stores(self) -> dict[str, Store]:
+        """The state shards' stores under their state-dict keys."""
+        out = dict(self.moments)
         if self.master is not None:
-            state["master_param"] = self.owned(self.master, i)
+            out["master_param"] = self.master
+        return out
+
+    def state_of(self, i: int) -> dict:
+        """The ``opt.state`` entry of slot ``i``: live views of this rank's owned elements of
+        what is stored: fp32 or bf16 tensors under the state-dict keys; int8 state as
+        ``<key>_codes`` (a byte per element) and ``<key>_scales`` (one per block); masters
+        kept as remainders as ``master_param_low`` and ``master_param_up`` (packed bits)."""
+        s = self.layout.slots[i]
+        state = {"step": self.steps[i]}
+        for key, store in self.stores().items():
+            if isinstance(store, Plain):
+                state[key] = self.owned(store.data, i)
+                continue
+            group = BLOCK if isinstance(store, BlockwiseInt8) else 8
+            for part, t in store.tensors().items():
+                if t.numel() < self.layout.shard_numel:  # one per ``group`` elements
+                    lo, hi = s.offset // group, _round_up(s.offset + s.owned, group) // group
+                    state[f"{key}_{part}"] = t[lo:hi]
+                else:
+                    state[f"{key}_{part}"] = self.owned(t, i)
         return state
 
     def state_buffers(self) -> dict[str, torch.Tensor]:
-        """The state shards under their state-dict keys."""
-        bufs = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-        if self.max_exp_avg_sq is not None:
-            bufs["max_exp_avg_sq"] = self.max_exp_avg_sq
-        if self.master is not None:
-            bufs["master_param"] = self.master
-        return bufs
+        """The state shards under their state-dict keys, in the update's dtype: the stores
+        themselves where they are kept so, else values read out of them (temporaries, which
+        ``store_buffers`` writes back after a load)."""
+        S = self.layout.shard_numel
+        return {key: store.read(0, S) for key, store in self.stores().items()}
 
-    def state_zeros(self, numel: int) -> torch.Tensor:
-        """A zeroed shard-sized tensor in the dtype of the update."""
-        return torch.zeros(numel, dtype=self.update_dtype, device=self.device)
+    def store_buffers(self, bufs: dict[str, torch.Tensor]) -> None:
+        """Write ``state_buffers()``' tensors, changed by a load, back into the stores (the
+        masters after the shard, which remainders are relative to)."""
+        S = self.layout.shard_numel
+        for key, store in self.stores().items():
+            store.write(bufs[key], 0, S)
+        if isinstance(self.master, Remainders):  # relative to the parameters as they are
+            self._versions = [p._version for p in self.params]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _own_storage(view: torch.Tensor) -> torch.Tensor:

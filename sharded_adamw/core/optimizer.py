@@ -40,6 +40,7 @@ from .layout import align_elements, plan_buckets
 from .param_gather import ParamGather
 from .reducer import FullGradReducer, HookReducer, Reducer
 from .registry import live_optimizers, optimizer_built
+from .state_formats import BLOCK, MIN_QUANTIZED_NUMEL, STATE_DTYPES
 from .state_server import StateServer, state_entries
 from .update import Run, Steps, plan_runs, update_run
 
@@ -123,6 +124,8 @@ class ShardedAdamW(Optimizer):
         state_dict_timeout: float = 300.0,
         overlap_param_gather: bool = False,
         full_grads: bool = False,
+        state_dtype: torch.dtype = torch.float32,
+        master_remainders: bool = False,
     ):
         betas = _check_args(lr, betas, eps, weight_decay, foreach, capturable, differentiable)
         if fused and foreach:
@@ -131,6 +134,11 @@ class ShardedAdamW(Optimizer):
             raise ValueError(f"Invalid gather_buffers: {gather_buffers} (must be >= 1)")
         if not bucket_cap_mb > 0:
             raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb} (must be > 0)")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype} (must be one of torch.float32, "
+                "torch.bfloat16, torch.int8)"
+            )
         self._config = dict(  # what a deep copy is rebuilt with (``__deepcopy__``)
             process_group=process_group,
             bucket_cap_mb=bucket_cap_mb,
@@ -142,10 +150,14 @@ class ShardedAdamW(Optimizer):
             state_dict_timeout=state_dict_timeout,
             overlap_param_gather=overlap_param_gather,
             full_grads=full_grads,
+            state_dtype=state_dtype,
+            master_remainders=master_remainders,
         )
         self.comm = Comm(process_group)
         self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self._master_weights = master_weights
+        self._state_dtype = state_dtype
+        self._remainders = master_remainders
         self._reduce_dtype = reduce_dtype
         self.skip_nonfinite = skip_nonfinite
         self._skipped_on_host = 0
@@ -344,17 +356,39 @@ class ShardedAdamW(Optimizer):
                 else real_dtype(p.dtype)
             )
         )
-        order = [  # buckets fill in backward order: last parameters first
-            (j, (gi, real_dtype(p.dtype), p.device), as_real(p).numel(), rdtype(p).itemsize)
-            for j, p in reversed(list(enumerate(trainable)))
+        # int8 state: parameters of at least MIN_QUANTIZED_NUMEL elements with fp32 updates
+        # fill buckets of their own, whose parameters and shards start at whole blocks
+        def quantized(p: torch.nn.Parameter) -> bool:
+            dtype = real_dtype(p.dtype)
+            fp32 = dtype == torch.float32 or (dtype in LOW_PRECISION and self._master_weights)
+            big = as_real(p).numel() >= MIN_QUANTIZED_NUMEL
+            return self._state_dtype == torch.int8 and fp32 and big
+
+        backward = list(reversed(list(enumerate(trainable))))  # last parameters first
+        order = [
+            (j, (gi, real_dtype(p.dtype), p.device, q), as_real(p).numel(), rdtype(p).itemsize)
+            for q in (True, False)
+            for j, p in backward
+            if quantized(p) == q
         ]
-        align = lambda key: align_elements(key[2].type, key[1].itemsize)  # noqa: E731
+
+        def align(key: tuple) -> int:
+            a = align_elements(key[2].type, key[1].itemsize)
+            return math.lcm(a, BLOCK) if key[3] else a
+
         for layout in plan_buckets(
             order, comm.world_size, comm.rank, self._bucket_cap_bytes, align
         ):
             members = [trainable[s.index] for s in layout.slots]
             bucket = ShardBucket(
-                layout, members, group, comm.rank, self._master_weights, self._reduce_dtype
+                layout,
+                members,
+                group,
+                comm.rank,
+                self._master_weights,
+                self._reduce_dtype,
+                torch.int8 if layout.key[3] else _unquantized(self._state_dtype),
+                self._remainders,
             )
             for i, p in enumerate(members):
                 self._slot[p] = (bucket, i)
@@ -730,8 +764,8 @@ class ShardedAdamW(Optimizer):
         ]
         for b in order:
             b.sync_masters()
-            if b.group["amsgrad"] and b.max_exp_avg_sq is None:
-                b.max_exp_avg_sq = b.state_zeros(b.layout.shard_numel)
+            if b.group["amsgrad"]:
+                b.add_max_exp_avg_sq()
         return plan_runs(order, steps, self._bucket_cap_bytes // 4)
 
     def sync_params(self) -> None:
@@ -875,12 +909,13 @@ class ShardedAdamW(Optimizer):
                 if k not in sg:
                     g[k] = v
         for b in self._buckets:
-            if b.group["amsgrad"] and b.max_exp_avg_sq is None:
-                b.max_exp_avg_sq = b.state_zeros(b.layout.shard_numel)
+            if b.group["amsgrad"]:
+                b.add_max_exp_avg_sq()
             b.load_steps([float(entries.get(p, {}).get("step", 0)) for p in b.params])
+            bufs = b.state_buffers()
             for i, (p, slot) in enumerate(zip(b.params, b.layout.slots)):
                 entry = entries.get(p, {})
-                for key, buf in b.state_buffers().items():
+                for key, buf in bufs.items():
                     view = b.owned(buf, i)
                     if key in entry:
                         view.copy_(as_real(entry[key]).reshape(-1)[slot.start : slot.end])
@@ -888,6 +923,8 @@ class ShardedAdamW(Optimizer):
                         view.copy_(b.param_owned(i))
                     else:
                         view.zero_()
+            b.store_buffers(bufs)  # bf16 and int8 state: rounded, quantized
+            for i, p in enumerate(b.params):
                 self.state[p] = b.state_of(i)
 
     # ---- reports ----------------------------------------------------------------------------
@@ -903,11 +940,7 @@ class ShardedAdamW(Optimizer):
         nbytes = lambda t: t.numel() * t.element_size() if t is not None else 0  # noqa: E731
         state = sum(nbytes(t) for s in self.state.values() for t in s.values())
         alloc = sum(
-            nbytes(b.exp_avg)
-            + nbytes(b.exp_avg_sq)
-            + nbytes(b.max_exp_avg_sq)
-            + nbytes(b.master)
-            + nbytes(b.steps)
+            sum(store.nbytes() for store in b.stores().values()) + nbytes(b.steps)
             for b in self._buckets
         )
         return {
@@ -927,6 +960,11 @@ class ShardedAdamW(Optimizer):
                 if q is p:
                     return _label(gi, j, None, p)
         return f"parameter of shape {tuple(p.shape)}"
+
+
+def _unquantized(state_dtype: torch.dtype) -> torch.dtype:
+    """The state dtype of a bucket too small to quantize: fp32 under int8 state."""
+    return torch.float32 if state_dtype == torch.int8 else state_dtype
 
 
 def _check_args(lr, betas, eps, weight_decay, foreach, capturable, differentiable) -> tuple:

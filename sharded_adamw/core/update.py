@@ -24,6 +24,7 @@ from torch.autograd.profiler import record_function
 from torch.optim.adam import adam
 
 from .bucket import ShardBucket
+from .state_formats import BlockwiseInt8
 
 if "decoupled_weight_decay" in inspect.signature(adam).parameters:
     _adamw = functools.partial(adam, decoupled_weight_decay=True)
@@ -109,7 +110,7 @@ def plan_runs(
     used, key = 0, None
     for b in order:
         uniform = not b.group["fused"] and b.uniform(steps[b].present)
-        size = b.layout.shard_numel * b.exp_avg.element_size()
+        size = b.layout.shard_numel * b.update_dtype.itemsize
         if run and ((id(b.group), uniform) != key or not uniform or used + size > limit):
             yield Run(run[0].group, run, key[1], steps[run[0]])
             run, used = [], 0
@@ -121,31 +122,62 @@ def plan_runs(
 
 
 def update_run(run: Run) -> None:
-    """AdamW in place on the owned shards of ``run``; low-precision parameters are updated in
-    their fp32 masters, then rounded into the shards."""
+    """AdamW in place on the owned shards of ``run``. The state is read out of its stores as
+    fp32 (``state_formats``: views of fp32 state, so nothing moves; temporaries as large as
+    the run for bf16 or int8 state and remainder masters), updated by torch's AdamW, and
+    written back; low-precision parameters are updated in their fp32 masters, then rounded
+    into the shards."""
     group, buckets = run.group, run.buckets
     with record_function("sharded_adamw.update"):
+        state = [_Fp32State(b) for b in buckets]
         if run.uniform:
             torch._foreach_add_([b.other_steps for b in buckets], 1)
             adamw_update(
-                [b.shard if b.master is None else b.master for b in buckets],
+                [s.param for s in state],
                 [b.grad for b in buckets],
-                [b.exp_avg for b in buckets],
-                [b.exp_avg_sq for b in buckets],
-                [b.max_exp_avg_sq for b in buckets] if group["amsgrad"] else [],
+                [s.moments["exp_avg"] for s in state],
+                [s.moments["exp_avg_sq"] for s in state],
+                [s.moments["max_exp_avg_sq"] for s in state] if group["amsgrad"] else [],
                 [b.first_step for b in buckets],
                 group,
             )
             for b in buckets:
                 b.advanced(b.present_all)
         else:
-            _update_some(buckets[0], run.steps)
-        masters = [b for b in buckets if b.master is not None]
-        if masters:
-            torch._foreach_copy_([b.shard for b in masters], [b.master for b in masters])
+            _update_some(buckets[0], state[0], run.steps)
+        for s in state:
+            s.write_back(run.uniform or run.steps.absent is not None or run.steps.present)
 
 
-def _update_some(b: ShardBucket, steps: Steps) -> None:
+class _Fp32State:
+    """One bucket's parameters (or fp32 masters) and state as the update reads them."""
+
+    def __init__(self, b: ShardBucket):
+        S = b.layout.shard_numel
+        self.bucket = b
+        self.param = b.shard if b.master is None else b.master.read(0, S)
+        self.moments = {k: store.read(0, S) for k, store in b.moments.items()}
+
+    def write_back(self, present: list[bool] | bool) -> None:
+        """Store the updated state: of every parameter (``present`` True: all stepped, or
+        which did is only known on the device), else of those that stepped, so that int8
+        blocks of parameters that did not are not quantized again (which moves them)."""
+        b, S = self.bucket, self.bucket.layout.shard_numel
+        if b.master is not None:
+            b.shard.copy_(self.param)
+            b.master.write(self.param, 0, S)
+        for k, store in b.moments.items():
+            x = self.moments[k]
+            if present is True or not isinstance(store, BlockwiseInt8):
+                store.write(x, 0, S)
+                continue
+            for i, ok in enumerate(present):
+                lo, hi = b.block_range(i)
+                if ok and hi > lo:
+                    store.write(x[lo:hi], lo, hi)
+
+
+def _update_some(b: ShardBucket, state: _Fp32State, steps: Steps) -> None:
     """AdamW on the owned parts of the parameters of ``b`` that step: one call over those
     present; with ``absent`` (fused, agreed on the device), one call per other parameter,
     skipped on the device where no rank had a gradient."""
@@ -153,11 +185,11 @@ def _update_some(b: ShardBucket, steps: Steps) -> None:
     def update(idx: list[int], skip: torch.Tensor | None) -> None:
         cut = lambda t: [b.owned(t, i) for i in idx]  # noqa: E731
         adamw_update(
-            cut(b.shard if b.master is None else b.master),
+            cut(state.param),
             cut(b.grad),
-            cut(b.exp_avg),
-            cut(b.exp_avg_sq),
-            cut(b.max_exp_avg_sq) if b.group["amsgrad"] else [],
+            cut(state.moments["exp_avg"]),
+            cut(state.moments["exp_avg_sq"]),
+            cut(state.moments["max_exp_avg_sq"]) if b.group["amsgrad"] else [],
             [b.steps[i] for i in idx],
             b.group,
             found_inf=skip,
