@@ -63,18 +63,38 @@ CHECKPOINTED = ("int8", "remainders_int8", "bf16")
 
 
 def test_dynamic_map_is_the_8bit_optimizers_map():
-    """256 sorted values; signed: 0, 1 and +-127 values over 7 decades; unsigned: [0, 1]; and,
-    where torchao is installed, its map (built from bitsandbytes') to float rounding."""
+    """256 sorted values; signed: 0, +-1 and +-127 values over 7 decades; unsigned: [0, 1];
+    and, where torchao is installed, its map (built from bitsandbytes') to float rounding,
+    but for the most negative value, -1 here (``dynamic_map``)."""
     for signed in (True, False):
         q = dynamic_map(signed)
         assert q.numel() == 256 and torch.all(q[1:] > q[:-1])
         assert q.max() == 1.0 and (q == 0).sum() == 1
-        assert (q.min() < 0) == signed
+        assert q.min() == (-1.0 if signed else 0.0)
         assert 1e-7 < q[q > 0].min() < 1e-6
     quant_utils = pytest.importorskip("torchao.optim.quant_utils")
     for signed in (True, False):
         theirs = torch.tensor(quant_utils.create_dynamic_map(signed), dtype=torch.float32)
-        torch.testing.assert_close(dynamic_map(signed), theirs, rtol=1e-6, atol=0)
+        ours = dynamic_map(signed)
+        if signed:
+            assert theirs[0] == -theirs[-2] and ours[0] == -1.0
+            ours, theirs = ours[1:], theirs[1:]
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+
+
+def test_quantizing_read_back_values_gives_the_same_codes():
+    """Idempotent, so a state_dict round trip is exact: blocks of either sign of extreme,
+    and magnitudes over many decades."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, BLOCK, generator=g) * torch.logspace(-20, 3, 64)[:, None]
+    x = x.view(-1)
+    for signed in (True, False):
+        y = x if signed else x.abs()
+        a = BlockwiseInt8(y.numel(), signed, torch.device("cpu"))
+        a.write(y, 0, y.numel())
+        b = BlockwiseInt8(y.numel(), signed, torch.device("cpu"))
+        b.write(a.read(0, y.numel()), 0, y.numel())
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
 
 
 def _nearest(y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -189,30 +209,47 @@ def test_one_process_equals_adamw_with_rounded_state(state_dtype, amsgrad):
             assert torch.equal(ours[i][k], v), (i, k)
 
 
-def test_int8_update_is_close_to_torchao_adamw8bit():
-    """Per step, the change of the parameter under our int8 state and under torchao's
-    ``AdamW8bit`` (same map, blocks and threshold; torchao computes the update with its own
-    formula and rounding) differ by at most 0.1% of the largest change: the first step (zero
-    state, so only the formulas differ) by 1.5e-5 here, later ones by 2.4e-4 (a code set
-    apart by those differences moves an element by one step of the map)."""
+def test_int8_update_is_as_close_to_adamw_as_torchao_adamw8bit():
+    """Per step, from the same parameter and gradient, the change of the parameter under our
+    int8 state, under torchao's ``AdamW8bit`` (same blocks, threshold and map but for -1,
+    its own update formula) and under fp32 ``torch.optim.AdamW``. The documented tolerance:
+    the first step (zero state: only the formulas differ) within 5e-5 of the largest change;
+    every step, ours within 1.05x torchao's mean distance from fp32 AdamW (+1e-5), and ours
+    and torchao apart by at most 1.5x torchao's largest distance from fp32 AdamW; all relative
+    to the largest change. Measured over 30 steps,
+    ours and torchao are 4-13% (max) and 0.4-0.6% (mean) from fp32, and 1-6% from each
+    other (a code one step apart moves an element by one step of the map)."""
     torchao_optim = pytest.importorskip("torchao.optim")
     torch.manual_seed(0)
-    p = nn.Parameter(torch.randn(64, 256))
-    q = nn.Parameter(p.detach().clone())
-    ours = ShardedAdamW([p], lr=1e-3, weight_decay=0.0, state_dtype=torch.int8)
-    theirs = torchao_optim.AdamW8bit([q], lr=1e-3, weight_decay=0.0)
-    worst = []
-    for step in range(8):
-        g = torch.randn(64, 256, generator=torch.Generator().manual_seed(step))
-        before = p.detach().clone()
-        p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
-        ours_delta, theirs_delta = p.detach() - before, q.detach() - before
-        worst.append(((ours_delta - theirs_delta).abs().max() / theirs_delta.abs().max()).item())
-        q.data.copy_(p.detach())  # the next step starts from the same parameter
-    assert worst[0] < 5e-5, worst
-    assert max(worst) < 1e-3, worst
+    start = torch.randn(64, 256)
+    runs = {}
+    for kind in ("ours", "torchao", "fp32"):
+        p = nn.Parameter(start.clone())
+        if kind == "ours":
+            opt = ShardedAdamW([p], lr=1e-3, weight_decay=0.0, state_dtype=torch.int8)
+        elif kind == "torchao":
+            opt = torchao_optim.AdamW8bit([p], lr=1e-3, weight_decay=0.0)
+        else:
+            opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.0)
+        runs[kind] = (p, opt)
+    for step in range(12):
+        g = torch.randn(64, 256, generator=torch.Generator().manual_seed(step)) * (1 + step % 3)
+        before = runs["fp32"][0].detach().clone()
+        delta = {}
+        for kind, (p, opt) in runs.items():
+            p.data.copy_(before)  # every step starts from the same parameter
+            p.grad = g.clone()
+            opt.step()
+            delta[kind] = p.detach() - before
+        size = delta["fp32"].abs().max()
+        dist = {
+            (a, b): (delta[a] - delta[b]).abs() / size
+            for a, b in (("ours", "torchao"), ("ours", "fp32"), ("torchao", "fp32"))
+        }
+        if step == 0:
+            assert dist["ours", "torchao"].max() < 5e-5
+        assert dist["ours", "fp32"].mean() <= 1.05 * dist["torchao", "fp32"].mean() + 1e-5
+        assert dist["ours", "torchao"].max() <= 1.5 * dist["torchao", "fp32"].max() + 1e-5
 
 
 # ---- several processes: world-size independence and checkpoints ----------------------------
@@ -347,6 +384,13 @@ def test_state_dict_exports_fp32_that_torch_adamw_loads_and_int8_quantizes():
     _train(model, opt, range(2))
     sd = opt.state_dict()
     assert all(v.dtype == torch.float32 for e in sd["state"].values() for v in e.values())
+    stored = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    twin = copy.deepcopy(opt)  # through state_dict(): the codes come back exactly
+    opt.load_state_dict(sd)
+    for p, q, before in zip(model.parameters(), twin.param_groups[0]["params"], stored):
+        assert before.keys() == opt.state[p].keys() == twin.state[q].keys()
+        for k, v in before.items():
+            assert torch.equal(opt.state[p][k], v) and torch.equal(twin.state[q][k], v), k
     ref_model = copy.deepcopy(model)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
     ref.load_state_dict(sd)

@@ -51,14 +51,24 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     """The 256 values of the dynamic quantization map, sorted, in ``[-1, 1]`` (``signed``) or
     ``[0, 1]``: 0, 1, and for each decade ``10**(e - 6)``, ``e = 0..6``, the centres of
     ``2**e`` (signed; ``2**(e + 1)`` unsigned) equal steps of ``[0.1, 1]`` times it, with
-    both signs where signed."""
+    both signs where signed; then the most negative value becomes -1.
+
+    That last change is ours: the literature's signed map has 1 but not -1, so a block whose
+    largest magnitude is negative stores it 0.35% short, and quantizing the values read back
+    shrinks the block again. With -1, a block's extreme is stored exactly whatever its sign,
+    and quantizing read-back values gives back the same codes and scales: a
+    ``state_dict()`` / ``load_state_dict()`` round trip (``copy.deepcopy``, pickling,
+    accelerate's ``prepare``) is exact."""
     values = [0.0, 1.0]
     for e in range(7):
         n = 2**e if signed else 2 ** (e + 1)
         step = 0.9 / n
         centres = [(0.1 + step * (k + 0.5)) * 10.0 ** (e - 6) for k in range(n)]
         values += centres + ([-c for c in centres] if signed else [])
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    values.sort()
+    if signed:
+        values[0] = -1.0
+    return torch.tensor(values, dtype=torch.float32)
 
 
 class _Tables:

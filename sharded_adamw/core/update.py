@@ -145,6 +145,9 @@ def update_run(run: Run) -> None:
                 b.advanced(b.present_all)
         else:
             _update_some(buckets[0], state[0], run.steps)
+        masters = [s for s in state if s.bucket.master is not None]
+        if masters:  # rounded into the parameters first: remainders are relative to them
+            torch._foreach_copy_([s.bucket.shard for s in masters], [s.param for s in masters])
         for s in state:
             s.write_back(run.uniform or run.steps.absent is not None or run.steps.present)
 
@@ -164,7 +167,6 @@ class _Fp32State:
         blocks of parameters that did not are not quantized again (which moves them)."""
         b, S = self.bucket, self.bucket.layout.shard_numel
         if b.master is not None:
-            b.shard.copy_(self.param)
             b.master.write(self.param, 0, S)
         for k, store in b.moments.items():
             x = self.moments[k]
