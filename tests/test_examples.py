@@ -109,3 +109,19 @@ def test_multi_node_launch_with_hybrid_sharding_runs_on_one_node(tmp_path):
     for mode in MODES:
         line = rf"^rank 0: max \|ShardedAdamW {mode} - AdamW\| over parameters = (\S+),"
         assert float(re.search(line, proc.stdout, re.M)[1]) < 1e-5
+
+
+def test_state_precision_quick_writes_the_plot_and_a_row_per_state_dtype(tmp_path):
+    """examples/state_precision.py --quick: both models trained with fp32, bf16 and int8 state
+    (the script itself fails unless the large parameters kept int8 codes)."""
+    png = tmp_path / "state_precision.png"
+    cmd = [sys.executable, "examples/state_precision.py", "--quick", "--out", str(png)]
+    proc = _run(cmd, OMP_NUM_THREADS="1")  # tiny models: one thread is fastest on a busy CPU
+    for model in ("char-level GPT", "MLP on teacher labels"):
+        assert f"{model}: int8 codes for " in proc.stderr
+        rows = re.findall(rf"^{model}\s+(fp32|bf16|int8)\s+(\d+\.\d+)\s", proc.stdout, re.M)
+        assert [dtype for dtype, _ in rows] == ["fp32", "bf16", "int8"], proc.stdout
+        # a few steps from the same weights on the same batches: the three are still close
+        losses = [float(loss) for _, loss in rows]
+        assert max(losses) - min(losses) < 1e-2, proc.stdout
+    _assert_png(png)
