@@ -108,9 +108,7 @@ def _quantize(
     scales.copy_(absmax)
 
 
-def _dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor
-) -> torch.Tensor:
+def _dequantize(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (values[codes.to(torch.int32)].view(-1, BLOCK) * scales[:, None]).view(-1)
 
 
@@ -142,6 +140,25 @@ class _Kernel:
 @functools.cache
 def _kernel(name: str) -> _Kernel:
     return _Kernel({"quantize": _quantize, "dequantize": _dequantize}[name])
+
+
+def quantize(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    signed: bool,
+    compiled: bool = True,
+) -> None:
+    """Blockwise 8-bit codes and absmax scales of ``x`` (whole blocks) into ``codes`` and
+    ``scales``; ``compiled=False`` runs the eager kernel (the same bits)."""
+    t = _tables(signed, x.device)
+    kernel = _kernel("quantize") if compiled else _quantize
+    kernel(x, t.first, t.above, t.below, codes, scales)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The fp32 values that ``codes`` and ``scales`` stand for."""
+    return _kernel("dequantize")(codes, scales, _tables(signed, codes.device).values)
 
 
 class Plain:
@@ -177,12 +194,10 @@ class BlockwiseInt8:
         self.update_dtype = torch.float32
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
-        t = _tables(self.signed, self.codes.device)
-        return _kernel("dequantize")(self.codes[lo:hi], self._scales(lo, hi), t.values)
+        return dequantize(self.codes[lo:hi], self._scales(lo, hi), self.signed)
 
     def write(self, x: torch.Tensor, lo: int, hi: int) -> None:
-        t = _tables(self.signed, self.codes.device)
-        _kernel("quantize")(x, t.first, t.above, t.below, self.codes[lo:hi], self._scales(lo, hi))
+        quantize(x, self.codes[lo:hi], self._scales(lo, hi), self.signed)
 
     def _scales(self, lo: int, hi: int) -> torch.Tensor:
         if lo % BLOCK or hi % BLOCK:
