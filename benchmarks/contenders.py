@@ -214,8 +214,12 @@ CONTENDERS: dict[str, Callable[[nn.Module, torch.device], Trainer]] = {
         sharded_standalone, overlap_param_gather=True
     ),
     "ShardedAdamW (attach, full_grads)": functools.partial(sharded_attached, full_grads=True),
-    "ShardedAdamW (standalone, full_grads)": functools.partial(
-        sharded_standalone, full_grads=True
-    ),
+    "ShardedAdamW (standalone, full_grads)": functools.partial(sharded_standalone, full_grads=True),
     "ShardedAdamW bf16 (standalone)": sharded_bf16,
+    "ShardedAdamW (attach, int8 state)": functools.partial(
+        sharded_attached, state_dtype=torch.int8
+    ),
+    "ShardedAdamW (standalone, int8 state)": functools.partial(
+        sharded_standalone, state_dtype=torch.int8
+    ),
 }

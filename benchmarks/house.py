@@ -181,7 +181,9 @@ def _trace_worker(rank: int, world: int, port: int, mode: str, out: str) -> None
                     "files": sorted(rel(f) for f in files),
                     "cross_file_calls": sum(edges.values()),
                     "distinct_cross_file_calls": len(edges),
-                    "edges": sorted(f"{rel(a)} -> {rel(b)}:{n} x{c}" for (a, b, n), c in edges.items()),
+                    "edges": sorted(
+                        f"{rel(a)} -> {rel(b)}:{n} x{c}" for (a, b, n), c in edges.items()
+                    ),
                 }
             )
         )

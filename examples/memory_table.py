@@ -8,8 +8,8 @@ Run (glibc must hand freed memory back to the kernel, or the CPU peak over-count
 Each setup trains 3 steps alone; its peak is the largest rank's, measured by the system
 (``sharded_adamw.tools.peak``: the process's resident high-water mark on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) above the bare model, in bytes per parameter,
-next to what ``sharded-adamw estimate``'s peak model predicts for it. The same table is
-``python -m benchmarks --peak-memory``.
+with what ``sharded-adamw estimate``'s peak model predicts for it beside each row it models.
+The same table is ``python -m benchmarks --peak-memory``.
 """
 
 from __future__ import annotations
@@ -24,15 +24,7 @@ import torch.distributed as dist
 # the benchmark is not installed with the package: it is read from this checkout
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import peak_markdown, peak_table  # noqa: E402
-from sharded_adamw.tools.estimate import estimate_peak  # noqa: E402
 from sharded_adamw.tools.peak import PeakMemory  # noqa: E402
-
-SETUP = {  # bench contender -> estimate_peak row
-    "DDP + AdamW": "ddp",
-    "ShardedAdamW (attach)": "attached",
-    "ShardedAdamW (attach, bucket view)": "attached",
-    "ShardedAdamW (standalone)": "standalone",
-}
 
 
 def main() -> None:
@@ -47,13 +39,6 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(f"world size {world}, {dist.get_backend()}\n")
         print(peak_markdown(rows, PeakMemory(device).method))
-        sizes = {2048 * 2048: 12, 2048: 12}
-        print("\n| setup | params | measured | estimate (sharded-adamw estimate) |")
-        print("|---|---|---:|---:|")
-        for name, dtype, value in rows:
-            if name in SETUP and isinstance(value, float):
-                est = estimate_peak(sizes, world, {"float32": "fp32", "bfloat16": "bf16"}[dtype])
-                print(f"| {name} | {dtype} | {value:.1f} | {est[SETUP[name]].per_param:.1f} |")
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

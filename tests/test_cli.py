@@ -264,6 +264,31 @@ def test_estimate_prints_memory_and_communication_tables(capsys):
     assert "| DDP all-reduce over 8 ranks |" in out and "| ShardedAdamW flat, 8-way |" in out
 
 
+def test_estimate_with_int8_state_and_remainders_lists_the_state_buffers(capsys):
+    """7B in bf16 at 8 ranks, every tensor a whole number of blocks: int8 moments are
+    2 * (1 + 4/256) B and remainder masters 2.125 B per parameter over 8 ranks, beside
+    2 B of parameters and 4/8 of fp32 gradient shard: 3.020 B/param standalone."""
+    args = ["estimate", "--params", "7e9", "--world-size", "8", "--dtype", "bf16"]
+    assert main([*args, "--state-dtype", "int8", "--master-remainders"]) == 0
+    out = capsys.readouterr().out
+    assert "| ShardedAdamW standalone (ZeRO-2, 8-way) |" in out and "| 3.020 | 0.168x |" in out
+    assert "| DDP + torch AdamW | 13.04 GiB | 26.08 GiB | 78.23 GiB | 117.35 GiB | 18.000 |" in out
+    assert "## ShardedAdamW optimizer state per rank" in out
+    for buffer, per_param in [
+        ("moments, int8 codes", 0.25),
+        ("moments, int8 scales", 2 * 4 / 256 / 8),
+        ("master weights, remainders", 2.125 / 8),
+    ]:
+        row = next(line for line in out.splitlines() if line.startswith(f"| {buffer} |"))
+        assert float(row.split("|")[4]) == pytest.approx(per_param, abs=5e-4), row
+    assert "Extra padding" in out and "which makes 0 elements of padding per rank more" in out
+    # without the options, the report is the one it always was
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--state-dtype", "fp32"]) == 0
+    assert capsys.readouterr().out == plain and "optimizer state per rank" not in plain
+
+
 def test_estimate_with_replicas_adds_the_hybrid_row(capsys):
     main(
         [
@@ -306,6 +331,10 @@ def test_estimate_with_replicas_adds_the_hybrid_row(capsys):
             ["--params", "7e9", "--world-size", "8", "--inter-bw", "0"],
             "argument --inter-bw: must be a positive number of GB/s, got '0'",
         ),
+        (
+            ["--params", "7e9", "--world-size", "8", "--state-dtype", "fp8"],
+            "argument --state-dtype: invalid choice: 'fp8'",
+        ),
     ],
     ids=[
         "negative",
@@ -316,6 +345,7 @@ def test_estimate_with_replicas_adds_the_hybrid_row(capsys):
         "replicas",
         "num-tensors",
         "bandwidth",
+        "state-dtype",
     ],
 )
 def test_bad_estimate_arguments_give_an_argparse_error_naming_them(args, message):
@@ -335,7 +365,13 @@ def test_bad_arguments_of_the_training_subcommands_are_named():
 
 
 def test_every_subcommand_explains_itself_in_help(capsys):
-    for sub, words in [("estimate", "ZeRO-2"), ("verify", "bitwise"), ("report", "opt.memory()")]:
+    for sub, words in [
+        ("estimate", "--state-dtype {fp32,bf16,int8}"),
+        ("estimate", "--master-remainders"),
+        ("estimate", "ZeRO-2"),
+        ("verify", "bitwise"),
+        ("report", "opt.memory()"),
+    ]:
         with pytest.raises(SystemExit) as exit_:
             main([sub, "--help"])
         assert exit_.value.code == 0

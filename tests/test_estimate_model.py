@@ -4,6 +4,10 @@ factories below), ``--hf-config config.json``, and the transformer ``--params`` 
 The estimate from a model must equal the estimate from the same tensors listed by hand, and
 the buckets it plans must be the ones a real ``ShardedAdamW`` builds over that model (per
 param group, last tensor first, frozen tensors left out). Factories run on the meta device.
+
+With ``state_dtype`` and ``master_remainders`` (``--state-dtype``, ``--master-remainders``),
+the buckets, every state buffer by name and the update's temporaries must be those of a real
+``ShardedAdamW`` with those options (world size 1, in this process).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
 from sharded_adamw import ShardedAdamW
+from sharded_adamw.core.state_formats import BlockwiseInt8, Remainders
 from sharded_adamw.tools.cli import main
 from sharded_adamw.tools.estimate import (
     TensorSpec,
@@ -26,6 +32,7 @@ from sharded_adamw.tools.estimate import (
     counted_comm_bytes,
     estimate_memory,
     estimate_peak,
+    estimate_state,
     even_split,
     model_tensors,
     render_estimate,
@@ -438,3 +445,241 @@ def test_a_missing_hf_config_is_named(capsys, tmp_path):
 def test_the_sources_exclude_each_other(capsys, args, message):
     err = _error(capsys, *args, "--world-size", "8")
     assert message in err, err
+
+
+# ---- state_dtype and master_remainders ------------------------------------------------------
+
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+STATE_OPTIONS = [("fp32", True), ("bf16", False), ("bf16", True), ("int8", False), ("int8", True)]
+STATE_IDS = ["fp32-remainders", "bf16", "bf16-remainders", "int8", "int8-remainders"]
+
+
+class MixedModel(nn.Module):
+    """fp32 and bf16 tensors on both sides of int8 state's 4,096-element threshold, none a
+    multiple of its 256-element blocks (so int8 buckets add padding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(301, 20)  # 6,020: quantized
+        self.a = nn.Linear(20, 100)  # 2,000 and 100: fp32 state
+        self.b = nn.Linear(100, 77).to(torch.bfloat16)  # 7,700: quantized, bf16 masters
+        self.c = nn.Linear(77, 50)  # 3,850: just under the threshold
+        self.d = nn.Linear(50, 5000).to(torch.bfloat16)  # 250,000 and 5,000: quantized
+
+
+def mixed_groups(model: nn.Module) -> list[dict]:
+    return [
+        {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+        {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def real_state_parts(opt: ShardedAdamW) -> dict[str, int]:
+    """The optimizer's state buffers summed under the estimate's names."""
+    out: dict[str, int] = {}
+
+    def add(name: str, t: torch.Tensor) -> None:
+        out[name] = out.get(name, 0) + t.numel() * t.element_size()
+
+    for b in opt.buckets:
+        for key, store in b.stores().items():
+            kind = "master weights" if key == "master_param" else "moments"
+            if isinstance(store, BlockwiseInt8):
+                add("moments, int8 codes", store.codes)
+                add("moments, int8 scales", store.scales)
+            elif isinstance(store, Remainders):
+                add("master weights, remainders", store.low)
+                add("master weights, remainders", store.up)
+            else:
+                add(f"{kind}, {str(store.data.dtype).removeprefix('torch.')}", store.data)
+    renamed = {"float32": "fp32", "bfloat16": "bf16", "float64": "fp64"}
+    return {
+        k.split(", ")[0] + ", " + renamed.get(k.split(", ")[1], k.split(", ")[1]): v
+        for k, v in out.items()
+    }
+
+
+@pytest.mark.parametrize("state_dtype, remainders", STATE_OPTIONS, ids=STATE_IDS)
+def test_state_buffers_are_those_a_real_optimizer_allocates(state_dtype, remainders):
+    """Buckets (int8 ones apart, aligned to whole blocks), every state buffer by name, the
+    padding and ``opt.memory()``, against a real ShardedAdamW with the same options."""
+    torch.manual_seed(0)
+    groups = mixed_groups(MixedModel())
+    opt = ShardedAdamW(
+        groups,
+        bucket_cap_mb=0.01,
+        state_dtype=STATE_DTYPES[state_dtype],
+        master_remainders=remainders,
+    )
+    specs = model_tensors(groups)
+    options = dict(state_dtype=state_dtype, master_remainders=remainders)
+    layouts = bucket_layouts(specs, 1, bucket_cap_mb=0.01, device="cpu", state_dtype=state_dtype)
+    real = [b.layout for b in opt.buckets]
+    assert [
+        (lay.key[0], lay.key[2], [(s.numel, s.base) for s in lay.slots], lay.shard_numel)
+        for lay in layouts
+    ] == [
+        (lay.key[0], lay.key[3], [(s.numel, s.base) for s in lay.slots], lay.shard_numel)
+        for lay in real
+    ]
+    est = estimate_state(specs, 1, bucket_cap_mb=0.01, device="cpu", **options)
+    assert est.parts == real_state_parts(opt)
+    held = opt.memory()
+    steps = 4 * len(specs)  # step counters, host memory, not estimated
+    assert est.total + steps == held["state_allocated_bytes"]
+    assert est.shard_numel == sum(b.layout.shard_numel for b in opt.buckets)
+    fp32 = ShardedAdamW(mixed_groups(MixedModel()), bucket_cap_mb=0.01)
+    assert est.fp32_shard_numel == sum(b.layout.shard_numel for b in fp32.buckets)
+    assert (est.extra_padding > 0) == (state_dtype == "int8")  # no size is whole blocks
+    peak = estimate_peak(specs, 1, bucket_cap_mb=0.01, backend="gloo", **options)
+    assert peak["standalone"].parts["gradient shard"] == held["grad_shard_bytes"]
+    memory = estimate_memory(specs, 1, device="cpu", **options)["standalone"]
+    assert memory.state == estimate_state(specs, 1, device="cpu", **options).total
+    assert est.compact  # every option changes something here (remainders: the bf16 tensors)
+
+
+def test_int8_state_costs_a_byte_and_a_scale_per_block_and_pads_to_whole_blocks():
+    """One fp32 tensor of 4,097 elements at 4 ranks on CUDA: fp32 state's shard is
+    ceil(4097 / 4) = 1,025 rounded up to 64 elements (256 B), int8's to 256 elements."""
+    est = estimate_state([4097], 4, state_dtype="int8")
+    assert (est.fp32_shard_numel, est.shard_numel, est.extra_padding) == (1088, 1280, 192)
+    assert est.parts == {"moments, int8 codes": 2 * 1280, "moments, int8 scales": 2 * 5 * 4}
+    small = estimate_state([4095], 4, state_dtype="int8")  # under the threshold: fp32 state
+    assert small.parts == {"moments, fp32": 2 * 4 * 1024} and not small.compact
+    bf16 = estimate_state([4097], 4, "bf16", state_dtype="bf16", master_remainders=True)
+    S = 1152  # bf16 on CUDA aligns to 128 elements (256 B): 1,025 rounded up
+    assert bf16.parts == {"moments, bf16": 2 * 2 * S, "master weights, remainders": 2 * S + S // 8}
+    with pytest.raises(ValueError, match="unknown state_dtype 'fp8'"):
+        estimate_state([4097], 4, state_dtype="fp8")
+
+
+def _profiled_peak(fn) -> int:
+    """The most bytes ``fn`` had allocated at once beyond what it started with, from torch
+    profiler's allocation records (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+COMPILES = pytest.mark.distributed  # torch.compile of the int8 kernels runs the C compiler
+
+
+@pytest.mark.parametrize("cap_mb", [25.0, 0.5], ids=["one-run", "several-runs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "state_dtype, remainders",
+    [
+        pytest.param(*options, id=name, marks=[COMPILES] if options != ("bf16", False) else [])
+        for options, name in zip(STATE_OPTIONS[1:], STATE_IDS[1:])
+    ],
+)
+def test_update_temporaries_are_what_the_step_allocates(state_dtype, remainders, dtype, cap_mb):
+    """The estimate's update stretches (compact state read out as fp32 for a run, foreach
+    AdamW's temporary) against what ``step()`` allocates, as
+    torch's profiler records it, after a warm-up step (which compiles the int8 kernels;
+    eager ones, where compiling fails, allocate more, which the estimate leaves out)."""
+    if state_dtype == "int8" and os.environ.get("SHARDED_ADAMW_COMPILE") == "0":
+        pytest.skip("the int8 kernels run eager (SHARDED_ADAMW_COMPILE=0)")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 300), nn.Linear(300, 50)).to(dtype)
+    groups = mixed_groups(model)
+    opt = ShardedAdamW(
+        groups,
+        foreach=True,
+        bucket_cap_mb=cap_mb,
+        state_dtype=STATE_DTYPES[state_dtype],
+        master_remainders=remainders,
+    )
+    loss = lambda: model(torch.randn(4, 512, dtype=dtype)).float().square().mean()  # noqa: E731
+    loss().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    if any("torch.compile of the state kernels failed" in str(w.message) for w in caught):
+        pytest.skip("the int8 kernels run eager here (torch.compile failed)")
+    loss().backward()
+    measured = _profiled_peak(opt.step)
+    est = estimate_peak(
+        model_tensors(groups),
+        1,
+        bucket_cap_mb=cap_mb,
+        backend="gloo",
+        state_dtype=state_dtype,
+        master_remainders=remainders,
+    )["standalone"]
+    stretches = {k: sum(v.values()) for k, v in est.phases.items() if k != "backward"}
+    assert set(stretches) == {"update"}
+    # a few bytes more: the step counters' increments
+    assert 0 <= measured - max(stretches.values()) <= 64, (measured, est.phases)
+
+
+def test_state_options_are_listed_by_buffer_and_the_default_report_is_unchanged(capsys):
+    tensors = [TensorSpec(n, "bf16", name=f"t{i}") for i, n in enumerate([5000, 300, 70_000])]
+    plain = render_estimate(None, 4, tensors=tensors)
+    assert render_estimate(None, 4, tensors=tensors, state_dtype="fp32") == plain
+    assert "## ShardedAdamW optimizer state per rank" not in plain
+    out = render_estimate(None, 4, tensors=tensors, state_dtype="int8", master_remainders=True)
+    for name in (
+        "## ShardedAdamW optimizer state per rank",
+        "| moments, int8 codes |",
+        "| moments, int8 scales |",
+        "| moments, fp32 |",  # the 300-element tensor
+        "| master weights, remainders |",
+        "Extra padding: int8 state starts every quantized tensor and shard at a whole block",
+        "moments read out as fp32",
+        "masters read out as fp32",
+        "foreach temporary",
+        "gradients in flight (largest bucket)",
+        "ShardedAdamW state (--state-dtype int8)",
+    ):
+        assert name in out, name
+    est = estimate_state(tensors, 4, state_dtype="int8", master_remainders=True)
+    assert f"{est.extra_padding:,} elements of padding per rank more" in out
+    bf16 = render_estimate(None, 4, tensors=tensors, state_dtype="bf16")
+    assert "| moments, bf16 |" in bf16 and "| master weights, fp32 |" in bf16
+    assert "Extra padding" not in bf16 and "remainder write" not in bf16
+    # options that change nothing say so, and leave the tables as they were
+    fp32 = [TensorSpec(n, "fp32") for n in (5000, 300)]
+    noop = render_estimate(None, 4, tensors=fp32, master_remainders=True)
+    assert "- --master-remainders changes nothing for these tensors" in noop
+    assert tables(noop) == tables(render_estimate(None, 4, tensors=fp32))
+    # the command line passes the options through
+    out = run(
+        capsys,
+        "--model",
+        f"{HERE}:small_gpt",
+        "--world-size",
+        "4",
+        "--dtype",
+        "bf16",
+        "--state-dtype",
+        "int8",
+        "--master-remainders",
+    )
+    hand = [TensorSpec(t.numel, "bf16", t.group, t.trainable) for t in by_hand()]
+    expected = render_estimate(
+        None, 4, "bf16", tensors=hand, state_dtype="int8", master_remainders=True
+    )
+    assert tables(out) == tables(expected) and "| master weights, remainders |" in out
+
+
+def test_compact_state_peaks_are_the_held_buffers_plus_the_largest_stretch():
+    sizes = {2048 * 2048: 12, 2048: 12}
+    est = estimate_peak(sizes, 4, backend="gloo", state_dtype="int8")
+    for row in ("attached", "standalone"):
+        m = est[row]
+        assert set(m.phases) == {"backward", "update"}
+        stretch = max(sum(v.values()) for v in m.phases.values())
+        assert m.total == sum(m.parts.values()) + stretch
+        assert m.peak_phase == "backward"  # a 16 MiB gradient outweighs a 4 MiB shard's reads
+    default = estimate_peak(sizes, 4, backend="gloo")
+    assert all(not m.phases for m in default.values())
+    assert estimate_peak(sizes, 4, backend="gloo", state_dtype="fp32") == default
+    assert est["ddp"] == default["ddp"]  # DDP + torch AdamW keeps fp32 state

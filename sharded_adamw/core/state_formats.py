@@ -112,10 +112,34 @@ def _dequantize(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor)
     return (values[codes.to(torch.int32)].view(-1, BLOCK) * scales[:, None]).view(-1)
 
 
+def _join(
+    shard: torch.Tensor, low: torch.Tensor, up: torch.Tensor, bit: torch.Tensor
+) -> torch.Tensor:
+    """fp32 masters from bf16 parameters, their low 16 bits and packed rounded-up bits."""
+    high = shard.view(torch.int16).to(torch.int32) & 0xFFFF
+    rounded_up = ((up[:, None] & bit) != 0).view(-1).to(torch.int32)
+    bits = ((high - rounded_up) << 16) | (low.to(torch.int32) & 0xFFFF)
+    return bits.view(torch.float32)
+
+
+def _split(
+    x: torch.Tensor, shard: torch.Tensor, bit: torch.Tensor, low: torch.Tensor, up: torch.Tensor
+) -> None:
+    """``_join``'s inverse: ``x``'s low bits and rounded-up bits into ``low`` and ``up``
+    (zeros where ``shard`` is not ``x`` rounded: the master is then the parameter)."""
+    bits = x.view(torch.int32)
+    match = x.to(torch.bfloat16).view(torch.int16) == shard.view(torch.int16)
+    low.copy_(bits.to(torch.int16) * match)  # integer casts keep the low bits
+    high = shard.view(torch.int16).to(torch.int32) & 0xFFFF
+    rounded_up = (((bits >> 16) & 0xFFFF) != high) & match
+    up.copy_((rounded_up.view(-1, 8).to(torch.uint8) * bit).sum(1))
+
+
 class _Kernel:
     """``fn`` compiled with ``torch.compile`` (dynamic shapes: one compilation serves every
     bucket), or eager where compiling fails or ``SHARDED_ADAMW_COMPILE=0``; both give the
-    same bits (elementwise IEEE operations, a max, table lookups)."""
+    same bits (elementwise IEEE and integer operations, a max, table lookups). Compiled, a
+    kernel is one loop that allocates only its output."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
@@ -129,7 +153,7 @@ class _Kernel:
                 return self.compiled(*args)
             except Exception as e:  # no C compiler, an unsupported platform
                 warnings.warn(
-                    f"ShardedAdamW: torch.compile of the int8 state kernels failed ({e!r:.200}); "
+                    f"ShardedAdamW: torch.compile of the state kernels failed ({e!r:.200}); "
                     "running them eager (same results, slower)",
                     stacklevel=3,
                 )
@@ -139,7 +163,8 @@ class _Kernel:
 
 @functools.cache
 def _kernel(name: str) -> _Kernel:
-    return _Kernel({"quantize": _quantize, "dequantize": _dequantize}[name])
+    kernels = {"quantize": _quantize, "dequantize": _dequantize, "join": _join, "split": _split}
+    return _Kernel(kernels[name])
 
 
 def quantize(
@@ -226,22 +251,15 @@ class Remainders:
         self._bit = 2 ** torch.arange(8, dtype=torch.uint8, device=shard.device)
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
-        high = self.shard[lo:hi].view(torch.int16).to(torch.int32) & 0xFFFF
-        up = ((self.up[lo // 8 : hi // 8, None] & self._bit) != 0).view(-1)
-        bits = ((high - up.to(torch.int32)) << 16) | (self.low[lo:hi].to(torch.int32) & 0xFFFF)
-        return bits.view(torch.float32)
+        shard, low, up = self.shard[lo:hi], self.low[lo:hi], self.up[lo // 8 : hi // 8]
+        return _kernel("join")(shard, low, up, self._bit)
 
     def write(self, x: torch.Tensor, lo: int, hi: int) -> None:
         """Store the masters ``x`` of ``[lo, hi)``. Where the shard is not ``x`` rounded (a
         load of masters that the parameters do not match), the master becomes the shard's
         value, as the fp32 path re-seeds a master its parameter was written over."""
-        bits = x.view(torch.int32)
-        shard = self.shard[lo:hi]
-        match = x.to(torch.bfloat16).view(torch.int16) == shard.view(torch.int16)
-        self.low[lo:hi].copy_(bits.to(torch.int16) * match)  # integer casts keep the low bits
-        high = shard.view(torch.int16).to(torch.int32) & 0xFFFF
-        up = (((bits >> 16) & 0xFFFF) != high) & match
-        self.up[lo // 8 : hi // 8].copy_((up.view(-1, 8).to(torch.uint8) * self._bit).sum(1))
+        shard, low, up = self.shard[lo:hi], self.low[lo:hi], self.up[lo // 8 : hi // 8]
+        _kernel("split")(x, shard, self._bit, low, up)
 
     def reseed(self, lo: int, hi: int) -> None:
         """Make the masters of ``[lo, hi)`` the shard's values (``lo``, ``hi``: multiples

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..core.optimizer import ShardedAdamW
 from .estimate import (
     DTYPE_BYTES,
+    STATE_DTYPES,
     TensorSpec,
     format_bytes,
     markdown_table,
@@ -270,6 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="dtype ShardedAdamW averages gradients in (default: fp32 for "
         "bf16/fp16, else the parameter dtype)",
+    )
+    est.add_argument(
+        "--state-dtype",
+        choices=STATE_DTYPES,
+        default=None,
+        help="ShardedAdamW(state_dtype=...): AdamW's moments in fp32, in bf16 (2 B each "
+        "where the update runs in fp32), or in blockwise int8 (1 B per element plus an fp32 "
+        "scale per 256, for tensors of at least 4,096 elements; buckets of their own, "
+        "aligned to whole blocks); the state buffers are then listed by name (default: fp32, "
+        "and the report without that table)",
+    )
+    est.add_argument(
+        "--master-remainders",
+        action="store_true",
+        help="ShardedAdamW(master_remainders=True): the fp32 master weights of bf16 "
+        "parameters kept as 16-bit remainders and a bit (2.125 B per element instead of 4)",
     )
     est.add_argument(
         "--num-tensors",
@@ -618,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
                 intra_gbps=args.intra_bw,
                 inter_gbps=args.inter_bw,
                 reduce_dtype=args.reduce_dtype,
+                state_dtype=args.state_dtype,
+                master_remainders=args.master_remainders,
             )
         )
         return 0

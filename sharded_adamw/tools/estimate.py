@@ -45,10 +45,17 @@ layout.
 ShardedAdamW's parameters live in its buckets (at most ``d - 1`` elements of padding per
 bucket, not counted); its gradient shard and state are counted padded; its state counts
 ``exp_avg``, ``exp_avg_sq`` and, for bf16/fp16, the fp32 master weights (``master_weights=True``,
-the default). Not counted: the per-tensor ``step`` counters (4 B per tensor, in host memory for
-both optimizers), DDP's bucket buffers in the ``ddp`` row (counted as if
-``gradient_as_bucket_view=True``; with DDP's default another gradient-sized buffer exists),
-activations, and transient communication buffers.
+the default). Its options ``state_dtype`` and ``master_remainders`` (keyword arguments of
+the same names here; ``estimate_state`` lists the buffers by name) keep state smaller, per
+element of the padded shards: bf16 moments 2 + 2 B where the update runs in fp32; int8
+moments ``2 * (1 + 4/256)`` B (codes and one fp32 scale per 256-element block) for tensors
+of at least 4,096 elements with fp32 updates, which go into buckets of their own whose
+tensors and shards start at whole blocks (more padding: under 256 elements per tensor and
+``d * 256`` per bucket), smaller ones keeping fp32 state; bf16 masters as remainders 2.125 B
+instead of 4. The DDP row keeps torch AdamW's fp32 state. Not counted: the per-tensor
+``step`` counters (4 B per tensor, in host memory for both optimizers), DDP's bucket buffers
+in the ``ddp`` row (counted as if ``gradient_as_bucket_view=True``; with DDP's default
+another gradient-sized buffer exists), activations, and transient communication buffers.
 
 Peak model (``estimate_peak``): the most bytes live at once during a step, above the bare model
 (parameters not counted), which is what ``python -m benchmarks --peak-memory`` measures. Every
@@ -68,9 +75,26 @@ buffer it counts is named in its ``parts``:
 - both ShardedAdamW rows: foreach AdamW's one input-sized temporary, over one run of buckets
   (at most a quarter of a bucket cap of shards, or the largest bucket's shard).
 
+With bf16 or int8 state or remainders (where they change some bucket), the ShardedAdamW rows
+count instead what is held throughout (the DDP bucket buffers attached, the gradient shard,
+the state by buffer, the staging pool), plus the largest of the stretches of a step that never
+overlap (``PeakEstimate.phases``): the backward's gradients in flight (attached: the largest
+tensor's; standalone: the largest bucket's, held until its last gradient arrives); the update
+of the largest run (``update.update_run`` reads a run's compact state out as fp32 tensors, one
+per moment and one for remainder masters, all live until the run is written back, beside
+foreach AdamW's one run-sized temporary). Summing the stretches, as
+the fp32-state rows do, would count the gradients in flight and the update's temporaries at
+once, which no longer are small next to the state. The state kernels (int8, remainders)
+compiled by ``torch.compile`` (the default) allocate nothing but the read-outs; eager (no C
+compiler, or
+``SHARDED_ADAMW_COMPILE=0``) quantizing a moment takes 24 B per element of its bucket and
+reading one 12 B more, which this model leaves out. At world size 1 the update's stretches
+equal, to a few bytes, the peak torch's profiler records during ``step()`` (foreach AdamW;
+the for-loop AdamW, torch's default on CPU, keeps two temporaries of the largest bucket).
+
 Measured against it at W = 4 on a 50.4M-parameter fp32 MLP (tests/test_peak_memory.py): within
-10% for the three rows; allocator overheads, activations and the per-tensor step counters are
-what is left out.
+10% for the three fp32-state rows, and for the rows with int8 or bf16 state and remainders;
+allocator overheads, activations and the per-tensor step counters are what is left out.
 
 Communication model: bytes each rank sends per step, and a lower bound on the time. Ranks are
 numbered node by node, ``gpus_per_node`` to a node, and a ``replicas x shard`` mesh puts a
@@ -101,13 +125,19 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..core.layout import BucketLayout, align_elements, plan_buckets
+from ..core.state_formats import BLOCK, MIN_QUANTIZED_NUMEL
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
+STATE_DTYPES = ("fp32", "bf16", "int8")  # ShardedAdamW's state_dtype, by name
+STATE_TORCH_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
+SCALE_BYTES = 4  # one fp32 scale per int8 block of BLOCK elements
+REMAINDER_BYTES = 2  # int16 low half of each fp32 master, plus one bit (REMAINDER_BITS)
+REMAINDER_BITS = 8  # elements per byte of rounded-up bits
 LOW_PRECISION = ("bf16", "fp16")  # kept with fp32 master weights and fp32 state
 STEP_FLAG_BYTES = 4  # one float32 per flag in the step's all-reduce of flags
 # torch's floating dtypes by name; a complex dtype is stepped as its real view (2 numbers each)
@@ -181,6 +211,22 @@ def _state_bytes(dtype: str) -> int:
     return 2 * ub + (ub if dtype in LOW_PRECISION else 0)
 
 
+def state_dtype_name(state_dtype: str | torch.dtype | None) -> str:
+    """``ShardedAdamW``'s ``state_dtype`` by name (``"fp32"``, ``"bf16"``, ``"int8"``), from
+    the name or the torch dtype; ``None`` is the default, fp32."""
+    if state_dtype is None:
+        return "fp32"
+    if isinstance(state_dtype, torch.dtype):
+        if state_dtype not in STATE_TORCH_DTYPES:
+            known = ", ".join(str(t) for t in STATE_TORCH_DTYPES)
+            raise ValueError(f"no state_dtype {state_dtype}; known: {known}")
+        return STATE_TORCH_DTYPES[state_dtype]
+    if state_dtype not in STATE_DTYPES:
+        known = ", ".join(STATE_DTYPES)
+        raise ValueError(f"unknown state_dtype {state_dtype!r}; known: {known}")
+    return state_dtype
+
+
 def shard_size(world_size: int, replicas: int = 1) -> int:
     """Ranks each tensor is sharded over: the shard dimension of a ``replicas x shard`` mesh."""
     if world_size < 1:
@@ -239,12 +285,18 @@ DEFAULT_CAP_BYTES = 25 * 2**20  # ShardedAdamW's default bucket_cap_mb
 
 @dataclass(frozen=True)
 class _Plan:
-    """The optimizer's buckets over some tensors at one shard size, and sums over them."""
+    """The optimizer's buckets over some tensors at one shard size, and sums over them.
+
+    ``state_dtype`` and ``remainders``: how the buckets keep their state (``ShardedAdamW``'s
+    ``state_dtype`` by name and ``master_remainders``); int8 state also changes the buckets
+    (its parameters bucketed apart, aligned to whole blocks), so it is part of the plan."""
 
     tensors: tuple[TensorSpec, ...]  # trainable and non-empty, in bucket order
     frozen_bytes: int  # held on every rank, never bucketed
-    buckets: tuple[BucketLayout, ...]  # key: (param group, dtype)
+    buckets: tuple[BucketLayout, ...]  # key: (param group, dtype, int8 state)
     reduce_dtype: str | None
+    state_dtype: str = "fp32"
+    remainders: bool = False
 
     @property
     def numel(self) -> int:
@@ -279,6 +331,92 @@ class _Plan:
             default=0,
         )
 
+    # ---- how the state is kept ------------------------------------------------------------
+
+    def compact_moments(self, b: BucketLayout) -> bool:
+        """Whether bucket ``b`` keeps its moments in less than the update dtype (int8
+        codes, or bf16 where the update runs in fp32), read out as fp32 for the update."""
+        return b.key[2] or (self.state_dtype == "bf16" and update_dtype(b.key[1]) == "fp32")
+
+    def compact_master(self, b: BucketLayout) -> bool:
+        """Whether bucket ``b`` keeps its fp32 master weights as remainders (bf16 only)."""
+        return self.remainders and b.key[1] == "bf16"
+
+    @property
+    def compact(self) -> bool:
+        """Whether some bucket keeps state in less than fp32 (the options change anything)."""
+        return any(self.compact_moments(b) or self.compact_master(b) for b in self.buckets)
+
+    def state_of(self, b: BucketLayout) -> dict[str, int]:
+        """Bucket ``b``'s state buffers on one rank, by name: the two moments (int8 codes and
+        scales, bf16, or the update dtype) and, for bf16/fp16, the master weights (fp32, or
+        bf16's remainders)."""
+        dt, S = b.key[1], b.shard_numel
+        ud = update_dtype(dt)
+        out = {}
+        if b.key[2]:
+            out["moments, int8 codes"] = 2 * S
+            out["moments, int8 scales"] = 2 * (S // BLOCK) * SCALE_BYTES
+        elif self.compact_moments(b):
+            out["moments, bf16"] = 2 * DTYPE_BYTES["bf16"] * S
+        else:
+            out[f"moments, {ud}"] = 2 * DTYPE_BYTES[ud] * S
+        if self.compact_master(b):
+            out["master weights, remainders"] = REMAINDER_BYTES * S + S // REMAINDER_BITS
+        elif dt in LOW_PRECISION:
+            out["master weights, fp32"] = DTYPE_BYTES["fp32"] * S
+        return out
+
+    def state_parts(self) -> dict[str, int]:
+        """Every bucket's state buffers on one rank, summed by name."""
+        out: dict[str, int] = {}
+        for b in self.buckets:
+            for k, v in self.state_of(b).items():
+                out[k] = out.get(k, 0) + v
+        return dict(sorted(out.items(), key=lambda kv: _STATE_ORDER.index(kv[0].split(",")[0])))
+
+    def runs(self, cap_bytes: int) -> list[list[BucketLayout]]:
+        """The buckets as ``update.plan_runs`` groups them for one AdamW call each: in forward
+        order (the reverse of the bucket order), consecutive buckets of one param group up
+        to a quarter of the bucket cap of shard in the update dtype (a larger bucket alone);
+        every parameter assumed to step."""
+        runs: list[list[BucketLayout]] = []
+        used, group = 0, None
+        for b in reversed(self.buckets):
+            size = b.shard_numel * _update_bytes(b.key[1])
+            if not runs or b.key[0] != group or used + size > cap_bytes // 4:
+                runs.append([])
+                used = 0
+            runs[-1].append(b)
+            used += size
+            group = b.key[0]
+        return runs
+
+    def step_phases(self, cap_bytes: int) -> dict[str, dict[str, int]]:
+        """The update's temporaries, by part, at the run where they are largest: compact state
+        read out as fp32 for the whole run, and foreach AdamW's one run-sized temporary (the
+        compiled state kernels allocate nothing more)."""
+        update: dict[str, int] = {}
+        fp32 = DTYPE_BYTES["fp32"]
+        for run in self.runs(cap_bytes):
+            reads = {
+                "moments read out as fp32": sum(
+                    2 * fp32 * b.shard_numel for b in run if self.compact_moments(b)
+                ),
+                "masters read out as fp32": sum(
+                    fp32 * b.shard_numel for b in run if self.compact_master(b)
+                ),
+            }
+            reads = {k: v for k, v in reads.items() if v}
+            foreach = sum(b.shard_numel * _update_bytes(b.key[1]) for b in run)
+            here = reads | {"foreach temporary": foreach}
+            if sum(here.values()) > sum(update.values()):
+                update = here
+        return {"update": update}
+
+
+_STATE_ORDER = ("moments", "master weights")
+
 
 def _plan(
     sizes: Sizes | _Tensors,
@@ -288,22 +426,47 @@ def _plan(
     reduce_dtype: str | None = None,
     cap_bytes: int = DEFAULT_CAP_BYTES,
     device: str = "cuda",
+    state_dtype: str | torch.dtype | None = "fp32",
+    master_remainders: bool = False,
 ) -> _Plan:
     """``layout.plan_buckets`` over the tensors as ``ShardedAdamW._build_buckets`` calls it:
     the cap counted in the reduce dtype, every tensor and shard aligned for its dtype on
-    ``device``, a new bucket at every change of group or dtype."""
+    ``device``, a new bucket at every change of group or dtype. With int8 state, each group's
+    tensors of at least ``MIN_QUANTIZED_NUMEL`` elements with fp32 updates come first, in
+    buckets of their own whose tensors and shards start at whole blocks of ``BLOCK``."""
     tensors = _tensors(sizes, dtype)
+    state = state_dtype_name(state_dtype)
     if reduce_dtype is not None:
         _dtype_bytes(reduce_dtype)
     live = [t for t in tensors.specs if t.trainable and t.numel]
     if tensors.as_optimizer:  # each group in turn, its tensors in backward order
         live = [t for g in sorted({t.group for t in live}) for t in live[::-1] if t.group == g]
     frozen = sum(t.numel * DTYPE_BYTES[t.dtype] for t in tensors.specs if not t.trainable)
+
+    def quantized(t: TensorSpec) -> bool:
+        fp32_update = update_dtype(t.dtype) == "fp32"
+        return state == "int8" and fp32_update and t.numel >= MIN_QUANTIZED_NUMEL
+
+    if state == "int8":  # within each group: the quantized tensors, then the others
+        groups = list(dict.fromkeys(t.group for t in live))
+        live = [
+            t
+            for g in groups
+            for q in (True, False)
+            for t in live
+            if t.group == g and quantized(t) == q
+        ]
     rb = lambda dt: DTYPE_BYTES[reduce_dtype or update_dtype(dt)]  # noqa: E731
-    order = [(i, (t.group, t.dtype), t.numel, rb(t.dtype)) for i, t in enumerate(live)]
-    align = lambda key: align_elements(device, DTYPE_BYTES[key[1]])  # noqa: E731
+    order = [
+        (i, (t.group, t.dtype, quantized(t)), t.numel, rb(t.dtype)) for i, t in enumerate(live)
+    ]
+
+    def align(key: tuple) -> int:
+        a = align_elements(device, DTYPE_BYTES[key[1]])
+        return math.lcm(a, BLOCK) if key[2] else a
+
     buckets = plan_buckets(order, d, 0, cap_bytes, align) if order else []
-    return _Plan(tuple(live), frozen, tuple(buckets), reduce_dtype)
+    return _Plan(tuple(live), frozen, tuple(buckets), reduce_dtype, state, master_remainders)
 
 
 def bucket_layouts(
@@ -315,12 +478,22 @@ def bucket_layouts(
     reduce_dtype: str | None = None,
     bucket_cap_mb: float = 25.0,
     device: str = "cuda",
+    state_dtype: str | torch.dtype | None = "fp32",
 ) -> list[BucketLayout]:
     """The buckets every figure here sums over: those ShardedAdamW plans over these tensors
-    (``BucketLayout`` s keyed ``(param group, dtype)``, rank 0's view), in its order."""
+    (``BucketLayout`` s keyed ``(param group, dtype, int8 state)``, rank 0's view), in its
+    order; ``state_dtype`` as given to the optimizer (int8 state buckets apart)."""
     d = shard_size(world_size, replicas)
     cap = int(bucket_cap_mb * 2**20)
-    plan = _plan(sizes, dtype, d, reduce_dtype=reduce_dtype, cap_bytes=cap, device=device)
+    plan = _plan(
+        sizes,
+        dtype,
+        d,
+        reduce_dtype=reduce_dtype,
+        cap_bytes=cap,
+        device=device,
+        state_dtype=state_dtype,
+    )
     return list(plan.buckets)
 
 
@@ -543,16 +716,28 @@ def estimate_memory(
     replicas: int = 1,
     device: str = "cuda",
     reduce_dtype: str | None = None,
+    state_dtype: str | torch.dtype | None = "fp32",
+    master_remainders: bool = False,
 ) -> dict[str, MemoryEstimate]:
     """Per-rank bytes of ``ddp``, ``attached`` (ZeRO-1) and ``standalone`` (ZeRO-2), with
     parameters on ``device`` (its alignment sets the padding); ``reduce_dtype`` (default: the
-    update dtype) is what the bucket cap counts."""
+    update dtype) is what the bucket cap counts. ``state_dtype`` and ``master_remainders``:
+    ShardedAdamW's options of those names (``estimate_state`` lists the buffers); the DDP
+    row keeps torch AdamW's fp32 state."""
     d = shard_size(world_size, replicas)
-    plan = _plan(sizes, dtype, d, reduce_dtype=reduce_dtype, device=device)
+    plan = _plan(
+        sizes,
+        dtype,
+        d,
+        reduce_dtype=reduce_dtype,
+        device=device,
+        state_dtype=state_dtype,
+        master_remainders=master_remainders,
+    )
     P = plan.numel
     pb = lambda dt: DTYPE_BYTES[dt]  # noqa: E731
     params = plan.over_tensors(pb) + plan.frozen_bytes
-    grad_shard, state = plan.over_buckets(_update_bytes), plan.over_buckets(_state_bytes)
+    grad_shard, state = plan.over_buckets(_update_bytes), sum(plan.state_parts().values())
     return {
         "ddp": MemoryEstimate(
             "DDP + torch AdamW",
@@ -575,16 +760,90 @@ def estimate_memory(
 
 
 @dataclass(frozen=True)
-class PeakEstimate:
-    """The most bytes one rank holds at once during a step, above the bare model, by part."""
+class StateEstimate:
+    """ShardedAdamW's state buffers on one rank, by name, and what int8 state's block
+    alignment adds to the padding of the shards."""
 
-    setup: str
-    parts: dict[str, int]
-    numel: int
+    parts: dict[str, int]  # bytes, e.g. "moments, int8 codes", "master weights, remainders"
+    numel: int  # P, trainable
+    shard_numel: int  # elements of this rank's shards, padding included
+    fp32_shard_numel: int  # the same with fp32 state (the buckets int8 state changes)
+    compact: bool  # whether some bucket keeps state in less than fp32
 
     @property
     def total(self) -> int:
         return sum(self.parts.values())
+
+    @property
+    def extra_padding(self) -> int:
+        """Elements of padding per rank that int8 state's layout adds (or saves)."""
+        return self.shard_numel - self.fp32_shard_numel
+
+
+def estimate_state(
+    sizes: Sizes,
+    world_size: int,
+    dtype: str = "fp32",
+    *,
+    replicas: int = 1,
+    device: str = "cuda",
+    reduce_dtype: str | None = None,
+    bucket_cap_mb: float = 25.0,
+    state_dtype: str | torch.dtype | None = "fp32",
+    master_remainders: bool = False,
+) -> StateEstimate:
+    """ShardedAdamW's state on one rank, each buffer by name, as ``opt.memory()``'s
+    ``state_allocated_bytes`` counts it (less the per-tensor step counters):
+
+    - fp32 state: ``exp_avg`` and ``exp_avg_sq`` in the update dtype, and for bf16/fp16
+      parameters the fp32 master weights;
+    - ``state_dtype="bf16"``: the moments in bf16 (2 B each per element) where the update
+      runs in fp32;
+    - ``state_dtype="int8"``: tensors of at least ``MIN_QUANTIZED_NUMEL`` elements with fp32
+      updates keep each moment as one byte per element (codes) and one fp32 scale per block
+      of ``BLOCK`` elements, in buckets of their own whose tensors and shards start at whole
+      blocks (``extra_padding``); smaller ones keep fp32 moments;
+    - ``master_remainders``: a bf16 parameter's fp32 master as its low 16 bits and a
+      rounded-up bit, 2.125 B per element instead of 4.
+
+    Every buffer is shard-sized, padding included."""
+    d = shard_size(world_size, replicas)
+    where = dict(reduce_dtype=reduce_dtype, cap_bytes=int(bucket_cap_mb * 2**20), device=device)
+    plan = _plan(
+        sizes, dtype, d, state_dtype=state_dtype, master_remainders=master_remainders, **where
+    )
+    fp32 = _plan(sizes, dtype, d, **where)
+    return StateEstimate(
+        plan.state_parts(),
+        plan.numel,
+        sum(b.shard_numel for b in plan.buckets),
+        sum(b.shard_numel for b in fp32.buckets),
+        plan.compact,
+    )
+
+
+@dataclass(frozen=True)
+class PeakEstimate:
+    """The most bytes one rank holds at once during a step, above the bare model, by part.
+
+    ``parts``: what is counted throughout. ``phases``: stretches of the step that never
+    overlap (the backward's gradients in flight, the update's temporaries), each by part;
+    only the largest counts. Empty for the fp32-state rows, where every part is summed."""
+
+    setup: str
+    parts: dict[str, int]
+    numel: int
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def peak_phase(self) -> str | None:
+        """The phase whose temporaries set the peak."""
+        return max(self.phases, key=lambda k: sum(self.phases[k].values()), default=None)
+
+    @property
+    def total(self) -> int:
+        phase = self.peak_phase
+        return sum(self.parts.values()) + (sum(self.phases[phase].values()) if phase else 0)
 
     @property
     def per_param(self) -> float:
@@ -601,13 +860,25 @@ def estimate_peak(
     bucket_cap_mb: float = 25.0,
     gather_buffers: int = 2,
     backend: str = "nccl",
+    state_dtype: str | torch.dtype | None = "fp32",
+    master_remainders: bool = False,
 ) -> dict[str, PeakEstimate]:
     """Peak per-rank bytes above the bare model of ``ddp``, ``attached`` and ``standalone``
-    on ``backend`` (see the module docstring for what each part is)."""
+    on ``backend`` (see the module docstring for what each part is). ``state_dtype`` and
+    ``master_remainders``: ShardedAdamW's options; where they make some state smaller, the
+    ShardedAdamW rows count the state by buffer (``estimate_state``) and the backward and
+    the update as phases (``PeakEstimate.phases``)."""
     d = shard_size(world_size, replicas)
     cap = int(bucket_cap_mb * 2**20)
     plan = _plan(
-        sizes, dtype, d, reduce_dtype=reduce_dtype, cap_bytes=cap, device=device_of(backend)
+        sizes,
+        dtype,
+        d,
+        reduce_dtype=reduce_dtype,
+        cap_bytes=cap,
+        device=device_of(backend),
+        state_dtype=state_dtype,
+        master_remainders=master_remainders,
     )
     P = plan.numel
     pb = lambda dt: DTYPE_BYTES[dt]  # noqa: E731
@@ -618,19 +889,13 @@ def estimate_peak(
     # foreach AdamW's one input-sized temporary, over one run (optimizer._runs)
     update_temp = min(grad_shard, max(cap // 4, plan.largest_bucket(_update_bytes, padded=False)))
     state = plan.over_buckets(_state_bytes)
-    attached = {
-        "DDP bucket buffers": plan.over_tensors(pb),
-        "gradient shard": grad_shard,
-        "optimizer state": state,
-        "gradient in flight": largest,
-        "foreach temporary (one run)": update_temp,
-    }
     # on gloo a bucket reduced in its own dtype is averaged in DDP's buffer, in place
     staged = [
         b for b in plan.buckets if backend != "gloo" or plan.reduce_dtype_of(b.key[1]) != b.key[1]
     ]
+    staging = {}
     if staged:
-        attached["staging pool (reduce-scatter)"] = min(gather_buffers, len(staged)) * max(
+        staging["staging pool (reduce-scatter)"] = min(gather_buffers, len(staged)) * max(
             b.padded_numel * rb(b.key[1]) for b in staged
         )
     ddp = {"p.grad": plan.over_tensors(pb), "DDP bucket buffers": plan.over_tensors(pb)}
@@ -641,21 +906,44 @@ def estimate_peak(
         "optimizer state": plan.over_tensors(_state_bytes),
         "foreach temporary": plan.over_tensors(_update_bytes),
     }
-    return {
-        "ddp": PeakEstimate("DDP + torch AdamW (foreach)", ddp, P),
-        "attached": PeakEstimate(f"ShardedAdamW attached to DDP ({d}-way)", attached, P),
-        "standalone": PeakEstimate(
-            f"ShardedAdamW standalone ({d}-way)",
-            {
-                "gradient shard": grad_shard,
-                "optimizer state": state,
-                "staging pool (reduce-scatter)": slots * plan.largest_bucket(rb),
-                "foreach temporary (one run)": update_temp,
-                "gradients in flight": plan.largest_bucket(pb) + largest,
-            },
-            P,
-        ),
-    }
+    out = {"ddp": PeakEstimate("DDP + torch AdamW (foreach)", ddp, P)}
+    attached_name = f"ShardedAdamW attached to DDP ({d}-way)"
+    standalone_name = f"ShardedAdamW standalone ({d}-way)"
+    if not plan.compact:
+        attached = {
+            "DDP bucket buffers": plan.over_tensors(pb),
+            "gradient shard": grad_shard,
+            "optimizer state": state,
+            "gradient in flight": largest,
+            "foreach temporary (one run)": update_temp,
+        }
+        standalone = {
+            "gradient shard": grad_shard,
+            "optimizer state": state,
+            "staging pool (reduce-scatter)": slots * plan.largest_bucket(rb),
+            "foreach temporary (one run)": update_temp,
+            "gradients in flight": plan.largest_bucket(pb) + largest,
+        }
+        out["attached"] = PeakEstimate(attached_name, attached | staging, P)
+        out["standalone"] = PeakEstimate(standalone_name, standalone, P)
+        return out
+    # compact state: the held buffers, then the larger of the backward and the update
+    step = plan.step_phases(cap)
+    held = {"gradient shard": grad_shard, **plan.state_parts()}
+    bucket_grads = max((b.numel * pb(b.key[1]) for b in plan.buckets), default=0)
+    out["attached"] = PeakEstimate(
+        attached_name,
+        {"DDP bucket buffers": plan.over_tensors(pb)} | held | staging,
+        P,
+        {"backward": {"gradient in flight": largest}} | step,
+    )
+    out["standalone"] = PeakEstimate(
+        standalone_name,
+        held | {"staging pool (reduce-scatter)": slots * plan.largest_bucket(rb)},
+        P,
+        {"backward": {"gradients in flight (largest bucket)": bucket_grads}} | step,
+    )
+    return out
 
 
 @dataclass(frozen=True)
@@ -715,15 +1003,17 @@ def comm_model(
     gpus_per_node: int = 8,
     reduce_dtype: str | None = None,
     device: str = "cuda",
+    state_dtype: str | torch.dtype | None = "fp32",
 ) -> dict[str, CommScheme]:
     """Per-step collectives of ``ddp``, ``flat`` sharding over all ranks and, when
-    ``replicas > 1``, ``hybrid`` sharding over a ``replicas x shard`` mesh."""
+    ``replicas > 1``, ``hybrid`` sharding over a ``replicas x shard`` mesh. ``state_dtype``:
+    ShardedAdamW's (int8 state changes the buckets, so the padding sent)."""
     if gpus_per_node < 1:
         raise ValueError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
     S = shard_size(world_size, replicas)
     W, R = world_size, replicas
     tensors = _tensors(sizes, dtype)
-    where = dict(reduce_dtype=reduce_dtype, device=device)
+    where = dict(reduce_dtype=reduce_dtype, device=device, state_dtype=state_dtype)
     flat = _plan(tensors, dtype, W, **where)
     pb = lambda dt: DTYPE_BYTES[dt]  # noqa: E731
     world_link = _link([range(W)], gpus_per_node)
@@ -771,6 +1061,7 @@ def counted_comm_bytes(
     standalone: bool = True,
     skip_nonfinite: bool = True,
     backend: str = "nccl",
+    state_dtype: str | torch.dtype | None = "fp32",
 ) -> dict[str, int]:
     """The byte counts of ``ShardedAdamW.comm_stats()`` after one ordinary step, on every rank.
 
@@ -784,13 +1075,12 @@ def counted_comm_bytes(
     """
     tensors = _tensors(sizes, dtype)
     device = device_of(backend)
-    schemes = comm_model(
-        tensors, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype, device=device
-    )
+    where = dict(reduce_dtype=reduce_dtype, device=device, state_dtype=state_dtype)
+    schemes = comm_model(tensors, world_size, dtype, replicas=replicas, **where)
     counts = {"reduce_scatter_bytes": 0, "all_gather_bytes": 0, "all_reduce_bytes": 0}
     for c in schemes["hybrid" if replicas > 1 else "flat"].collectives:
         counts[c.kind.replace("-", "_") + "_bytes"] += c.counted_bytes
-    plan = _plan(tensors, dtype, world_size, reduce_dtype=reduce_dtype, device=device)
+    plan = _plan(tensors, dtype, world_size, **where)
     if not standalone and backend == "gloo" and replicas == 1:
         counts["reduce_scatter_bytes"] = sum(
             b.numel * DTYPE_BYTES[dt]
@@ -892,6 +1182,73 @@ def _model_line(specs: Sequence[TensorSpec], source: str, frozen: list) -> str:
     return line + "."
 
 
+def _state_line(state: str, remainders: bool, lowp: list[str]) -> str:
+    """The report's line saying how ShardedAdamW keeps its state (``--state-dtype``,
+    ``--master-remainders``)."""
+    what = {
+        "fp32": "fp32 AdamW state",
+        "bf16": "AdamW moments in bf16 where the update runs in fp32",
+        "int8": f"AdamW moments in blockwise int8 (1 B per element and an fp32 scale per "
+        f"{BLOCK} elements) for tensors of at least {MIN_QUANTIZED_NUMEL:,} elements with "
+        "fp32 updates, bucketed apart at whole blocks; fp32 for smaller ones",
+    }[state]
+    line = f"- ShardedAdamW state (--state-dtype {state}): {what}"
+    if remainders:
+        line += (
+            "; fp32 master weights of bf16 parameters as 16-bit remainders and a bit "
+            f"(--master-remainders, {REMAINDER_BYTES + 1 / REMAINDER_BITS:g} B per element)"
+            if "bf16" in lowp
+            else "; --master-remainders changes nothing here (no bf16 parameters)"
+        )
+    return line + ". Listed by buffer below."
+
+
+def _state_section(est: StateEstimate, int8: bool) -> list[str]:
+    """The report's table of ShardedAdamW's state buffers on one rank, and, with ``int8``
+    state, the padding its blocks add."""
+    what = {
+        "moments, int8 codes": "exp_avg, exp_avg_sq: 1 B per element",
+        "moments, int8 scales": f"exp_avg, exp_avg_sq: one fp32 per {BLOCK} elements",
+        "moments, bf16": "exp_avg, exp_avg_sq: 2 B per element",
+        "moments, fp32": "exp_avg, exp_avg_sq: 4 B per element",
+        "moments, fp64": "exp_avg, exp_avg_sq: 8 B per element",
+        "master weights, remainders": "low 16 bits and a rounded-up bit: 2.125 B per element",
+        "master weights, fp32": "4 B per element",
+    }
+    P = est.numel
+    rows = [[k, what[k], format_bytes(v), f"{v / P:.3f}"] for k, v in est.parts.items()]
+    rows.append(["total", "every shard padded", format_bytes(est.total), f"{est.total / P:.3f}"])
+    lines = [
+        "",
+        "## ShardedAdamW optimizer state per rank",
+        "",
+        markdown_table(["buffer", "what", "bytes", "B/param"], rows, text_columns=2),
+    ]
+    if int8:
+        extra = est.extra_padding
+        lines += [
+            "",
+            f"Extra padding: int8 state starts every quantized tensor and shard at a whole "
+            f"block of {BLOCK} elements, which makes {abs(extra):,} elements of padding per rank "
+            f"{'fewer' if extra < 0 else 'more'} than fp32 state's layout "
+            f"({est.shard_numel:,} shard elements instead of {est.fp32_shard_numel:,}; "
+            "counted in the gradient shard and the state above).",
+        ]
+    return lines
+
+
+def _counted(m: PeakEstimate) -> str:
+    """A peak row's "counted" cell: its parts, then its phases, the one counted first."""
+    join = lambda parts: ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())  # noqa: E731
+    text = "; ".join(f"{k} {format_bytes(v)}" for k, v in m.parts.items())
+    if m.phases:
+        peak = m.peak_phase
+        text += f"; the largest stretch, {peak}: {join(m.phases[peak])}"
+        others = [f"{k}: {join(v)}" for k, v in m.phases.items() if k != peak]
+        text += f" (smaller: {'; '.join(others)})" if others else ""
+    return text
+
+
 def render_estimate(
     params: int | None,
     world_size: int,
@@ -905,6 +1262,8 @@ def render_estimate(
     intra_gbps: float = 200.0,
     inter_gbps: float = 25.0,
     reduce_dtype: str | None = None,
+    state_dtype: str | torch.dtype | None = None,
+    master_remainders: bool = False,
 ) -> str:
     """The ``sharded-adamw estimate`` report: memory and communication tables in markdown.
 
@@ -912,8 +1271,15 @@ def render_estimate(
     ``source`` says which), ``params`` split evenly over ``num_tensors``, or the decoder-only
     transformer of about ``params`` parameters that ``transformer_split`` assumes (one tensor
     if ``params`` is too few for it). The report says which split it used, since the peak
-    depends on it. ``dtype``: the dtype of tensors that give none (default fp32)."""
+    depends on it. ``dtype``: the dtype of tensors that give none (default fp32).
+
+    ``state_dtype`` and ``master_remainders``: ShardedAdamW's options. Where they keep some
+    state smaller, the report adds a table of the state buffers by name (int8 codes and
+    scales, bf16 moments, remainders, the padding int8 blocks add) and the peak table lists
+    the update's temporaries; where they change nothing, it says so and is otherwise the
+    report without them."""
     dtype = dtype or "fp32"
+    state = state_dtype_name(state_dtype)
     S = shard_size(world_size, replicas)
     nodes = math.ceil(world_size / gpus_per_node)
     sizes, split_line = _sizes_for(params, num_tensors, tensors, dtype)
@@ -921,7 +1287,13 @@ def render_estimate(
     if not any(t.trainable and t.numel for t in resolved.specs):
         raise ValueError(f"{source or 'the model'} has no trainable parameters to estimate")
     label = _dtype_label(resolved.specs)
-    flat = _plan(resolved, dtype, S, reduce_dtype=reduce_dtype)
+    options = dict(state_dtype=state, master_remainders=master_remainders)
+    flat = _plan(resolved, dtype, S, reduce_dtype=reduce_dtype, **options)
+    given = [f"--state-dtype {state}"] * (state != "fp32")
+    given += ["--master-remainders"] * master_remainders
+    if not flat.compact:  # the options change nothing: the report without them
+        state, master_remainders = "fp32", False
+        options = dict(state_dtype=state, master_remainders=master_remainders)
     P = flat.numel
     frozen = [t for t in resolved.specs if not t.trainable]
     pad = flat.over_buckets(lambda dt: 1, padded=True) - P
@@ -942,7 +1314,7 @@ def render_estimate(
         "elements in all.",
     ]
     lowp = [dt for dt in Counter(t.dtype for t in flat.tensors) if dt in LOW_PRECISION]
-    if lowp:
+    if lowp and not flat.compact:
         out.append(
             f"- {'/'.join(lowp)} parameters with fp32 master weights and fp32 AdamW state. The "
             "DDP row is the usual mixed-precision recipe: bf16 parameters, fp32 main grads, "
@@ -950,7 +1322,24 @@ def render_estimate(
             f"ShardedAdamW keeps DDP's gradients in {'/'.join(lowp)} (attached) and its own "
             "gradient shard in fp32."
         )
-    mem = estimate_memory(resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype)
+    elif lowp:
+        out.append(
+            f"- {'/'.join(lowp)} parameters with fp32 master weights. The DDP row is the usual "
+            "mixed-precision recipe: bf16 parameters, fp32 main grads, fp32 master, fp32 "
+            f"state (18 B/param); ShardedAdamW keeps DDP's gradients in {'/'.join(lowp)} "
+            "(attached) and its own gradient shard in fp32."
+        )
+    if flat.compact:
+        out.append(_state_line(state, master_remainders, lowp))
+    elif given:
+        out.append(
+            f"- {' and '.join(given)} change{'s' * (len(given) == 1)} nothing for these "
+            "tensors (bf16 or int8 state needs fp32 updates, int8 also tensors of at least "
+            f"{MIN_QUANTIZED_NUMEL:,} elements, remainders bf16 parameters): fp32 state."
+        )
+    mem = estimate_memory(
+        resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype, **options
+    )
     comm = comm_model(
         resolved,
         world_size,
@@ -958,9 +1347,10 @@ def render_estimate(
         replicas=replicas,
         gpus_per_node=gpus_per_node,
         reduce_dtype=reduce_dtype,
+        state_dtype=state,
     )
     counted = counted_comm_bytes(
-        resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype
+        resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype, state_dtype=state
     )
     dtypes = list(Counter(t.dtype for t in flat.tensors)) or [dtype]
     joined = lambda names: "/".join(dict.fromkeys(names))  # noqa: E731
@@ -989,23 +1379,35 @@ def render_estimate(
             ],
         )
     )
-    peaks = estimate_peak(resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype)
+    if flat.compact:
+        out += _state_section(
+            estimate_state(
+                resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype, **options
+            ),
+            state == "int8",
+        )
+    peaks = estimate_peak(
+        resolved, world_size, dtype, replicas=replicas, reduce_dtype=reduce_dtype, **options
+    )
     out += [
         "",
         "## Peak per rank during a step, above the bare model",
         "",
         "What `python -m benchmarks --peak-memory` measures (default bucket size and DDP flags, "
-        "2 all-gather buffers); every buffer counted is listed.",
+        "2 all-gather buffers); every buffer counted is listed."
+        + (
+            " The ShardedAdamW rows count what is held throughout, then the largest of the "
+            "stretches that never overlap: the backward's gradients in flight and the update "
+            "(compact state read out as fp32 for one run of buckets, foreach AdamW's "
+            "temporary)."
+            if flat.compact
+            else ""
+        ),
         "",
         markdown_table(
             ["setup", "peak", "B/param", "counted"],
             [
-                [
-                    m.setup,
-                    format_bytes(m.total),
-                    f"{m.per_param:.2f}",
-                    "; ".join(f"{k} {format_bytes(v)}" for k, v in m.parts.items()),
-                ]
+                [m.setup, format_bytes(m.total), f"{m.per_param:.2f}", _counted(m)]
                 for m in peaks.values()
             ],
             text_columns=1,
