@@ -3,8 +3,8 @@
 A *program* is drawn from ``(seed, world)`` (``generate``): a small model (odd/prime sizes,
 tied weights, parameters larger than a bucket), 1-3 param groups with their own
 hyperparameters, optimizer options (attached to DDP or standalone, foreach, overlap_comm,
-overlap_param_gather, full_grads, bucket size, compile, bf16 with fp32 masters), an LR
-scheduler, and a
+overlap_param_gather, full_grads, bucket size, compile, bf16 with fp32 masters, the masters as
+remainders, bf16 or int8 optimizer state), an LR scheduler, and a
 list of steps. Each step has 1-3 micro-batches (with or without ``no_sync``), a presence
 pattern per micro-batch and rank (every block present, used times zero, or not used at all),
 ``zero_grad(set_to_none=...)`` and events before its forward: freeze / unfreeze a block,
@@ -14,10 +14,16 @@ ShardedAdamW -> torch AdamW, torch AdamW -> ShardedAdamW).
 ``run_program`` runs it twice on the same W gloo ranks: "ours" (ShardedAdamW) and the oracle
 (DDP + ``torch.optim.AdamW``; plain AdamW at W = 1; for bf16 a reference that steps torch
 AdamW on fp32 masters with gradients averaged the way ShardedAdamW averages them, as in
-``tests/test_mixed_precision.py``). Losses are compared every micro-batch, parameters, param
-groups and optimizer state (``state_dict()`` of both) at checkpoints: bitwise at W <= 2, to
-``REL_TOL`` (max|a-b| / max|b|) at W = 3. ``shrink`` removes steps, events and features while
-the failure keeps its kind. Every rank runs the same shrink (verdicts are all-gathered).
+``tests/test_mixed_precision.py``). With ``state_dtype`` bf16 or int8 the oracle's optimizer
+state is put through the same rounding after each of its steps (``round_state``), while ours
+is a ShardedAdamW; ``master_remainders`` keeps the bf16 oracle. Losses are compared every
+micro-batch, parameters, param groups and optimizer state (``state_dict()`` of both) at
+checkpoints: bitwise at W <= 2, to ``REL_TOL`` (max|a-b| / max|b|) at W = 3, except that
+programs with bf16 or int8 state are drawn only where ours gets the oracle's gradient bits
+(at W = 3 attached, without hand-overs) and are always compared bitwise
+(``Program.bitwise``). ``shrink``
+removes steps, events and features while the failure keeps its kind. Every rank runs the
+same shrink (verdicts are all-gathered).
 
 CLI: ``python -m tests.fuzz --seeds N [--start S] [--world-size W] [--minutes M]``.
 """
@@ -52,6 +58,7 @@ ACCUM_REL_TOL = 1e-5
 BITWISE_MAX_WORLD = 2
 COMPILE_BACKEND = "aot_eager"  # autograd + functionalization like inductor, no C++ build
 UNIT_BASE = -1  # the embedding and the (maybe tied) head
+HANDOVERS = ("reload", "to_torch", "to_sharded")  # events that hand the state over
 
 # ---- programs ---------------------------------------------------------------------------
 
@@ -144,6 +151,8 @@ class Program:
     sched: str  # none | step | cosine | onecycle
     steps: list[StepSpec]
     full_grads: bool = False  # ZeRO-1 with p.grad kept (fp32 programs)
+    state_dtype: str = "fp32"  # fp32 | bf16 | int8: how ShardedAdamW stores exp_avg(_sq)
+    master_remainders: bool = False  # bf16 programs: fp32 masters as 16-bit remainders
 
     def impl(self) -> dict:
         """The implementation keywords both optimizers get."""
@@ -162,6 +171,31 @@ class Program:
         ``(previous average + local)`` per rank, ShardedAdamW adds the averages; the sums
         round differently, so such programs are held to ``ACCUM_REL_TOL``, not bitwise."""
         return self.world > 1 and any(len(s.micro) > 1 and not s.no_sync for s in self.steps)
+
+    def exact_grads(self) -> bool:
+        """ShardedAdamW's averaged gradients have the oracle's bits: at W <= 2, and attached at
+        any W (DDP's own bucket is averaged in place; docs/numerics.md) as long as our DDP
+        is the one built first, unless several synchronising backwards accumulate
+        (``accumulates_synced``). A hand-over builds a fresh DDP, whose buckets until it
+        rebuilds them hold the parameters in another order than the oracle's DDP, and gloo's
+        ring adds three or more ranks in an order that depends on an element's place in the
+        bucket."""
+        if self.accumulates_synced():
+            return False
+        handover = any(e.kind in HANDOVERS for s in self.steps for e in s.events)
+        return self.world <= BITWISE_MAX_WORLD or (self.mode == "attach" and not handover)
+
+    def bitwise(self) -> bool:
+        """Compared bitwise: where the gradients are exact at W <= 2, and programs with bf16
+        or int8 state, which are drawn only where they are exact (``generate``): rounding the
+        state turns a last-bit difference of a gradient into a whole rounding step where a
+        value sits near a rounding boundary (2**-8 of a bf16 moment; an int8 code gap, which
+        near zero is as large as the value: an exp_avg_sq that rounds to 0 under a nonzero
+        exp_avg moves the parameter by lr * exp_avg / eps), which no tolerance would separate
+        from a defect. Measured at W = 3 standalone: 4 of 30 such programs 4.5e-6 to 1.2e-4
+        relative apart."""
+        exact = self.world <= BITWISE_MAX_WORLD or self.state_dtype != "fp32"
+        return exact and self.exact_grads()
 
     def show(self) -> str:
         def blk(b: BlockSpec) -> str:
@@ -190,6 +224,10 @@ class Program:
             opts.append("overlap_param_gather=True")
         if self.full_grads:
             opts.append("full_grads=True")
+        if self.state_dtype != "fp32":
+            opts.append(f"state_dtype={STATE_DTYPES[self.state_dtype]}")
+        if self.master_remainders:
+            opts.append("master_remainders=True")
         groups = ", ".join(g.show() for g in self.groups)
         opt_line = f"opt = ShardedAdamW([{groups}], {', '.join(opts)})"
         ddp = f"net = DDP(model, find_unused_parameters={self.find_unused()}" + (
@@ -244,6 +282,12 @@ def _mask_show(per: dict[int, str]) -> str:
 PRIMES_DIM = (3, 5, 7, 11, 13)
 PRIMES_HIDDEN = (2, 17, 29, 31, 61)
 PRIMES_VOCAB = (7, 11, 37)
+# int8 programs: a vocabulary and mlp widths that make the embedding, the head and the mlp
+# weights at least MIN_QUANTIZED_NUMEL (4096) elements at every dim (3 * 1367 = 4101: 17
+# blocks, the last one 5 elements), so that they are quantized (the other parameters, the
+# mlp biases among them, keep fp32 state); an mlp may go unused or frozen, the head not
+PRIMES_WIDE_INT8 = (1367, 1601, 2053)
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def generate(seed: int, world: int) -> Program:
@@ -348,7 +392,7 @@ def generate(seed: int, world: int) -> Program:
         pass
     elif late and world == 1 and r() < 0.5:
         frozen0 = sorted({*frozen0, *late})
-    return Program(
+    prog = Program(
         seed=seed,
         world=world,
         dim=dim,
@@ -372,6 +416,19 @@ def generate(seed: int, world: int) -> Program:
         steps=steps,
         full_grads=not bf16 and r() < 0.2,  # drawn last: the other draws stay as they were
     )
+    # drawn after everything else, as full_grads: every other draw of a seed stays as it was
+    # (an int8 program only swaps its vocabulary and mlp widths for ones that get quantized)
+    x = r() * (1.0 if world == 1 else 0.5)  # at W > 1 fewer programs qualify (exact_grads)
+    prog.state_dtype = "bf16" if x < 0.15 else "int8" if x < 0.3 else "fp32"
+    if not prog.exact_grads():  # see ``Program.bitwise``
+        prog.state_dtype = "fp32"
+    if prog.state_dtype == "int8":
+        prog.vocab = rng.choice(PRIMES_WIDE_INT8)
+        for b in prog.blocks:
+            if b.kind == "mlp":
+                b.hidden = rng.choice(PRIMES_WIDE_INT8)
+    prog.master_remainders = bf16 and r() < 0.5
+    return prog
 
 
 def _draw_group(rng: random.Random, units: list[int]) -> GroupSpec:
@@ -495,6 +552,8 @@ class Side:
         self.master: dict | None = None  # bf16 oracle: param -> fp32 master
         self.ddp = None
         self.opt = None
+        # oracle: round the state after each step as ours stores it (while ours is sharded)
+        self.rounding = oracle and prog.state_dtype != "fp32"
         if oracle:
             self._build_oracle()
         else:
@@ -536,6 +595,8 @@ class Side:
             overlap_comm=prog.overlap_comm,
             overlap_param_gather=prog.overlap_param_gather,
             full_grads=prog.full_grads,
+            state_dtype=STATE_DTYPES[prog.state_dtype],
+            master_remainders=prog.master_remainders,
         )
         if prog.mode == "attach":
             kw = dict(gradient_as_bucket_view=True) if prog.bucket_view else {}
@@ -609,6 +670,12 @@ class Side:
             self.opt.add_param_group({"params": ps, **e.group.hyper()})
         elif self.oracle:  # the oracle goes on, without the gradients a checkpoint drops
             self.model.zero_grad(set_to_none=True)
+            # ours now steps torch AdamW (fp32 state), or has loaded the fp32 state into a
+            # ShardedAdamW, which rounds all of it
+            self.rounding = self.prog.state_dtype != "fp32" and e.kind != "to_torch"
+            if self.rounding:
+                for p, st in self.opt.state.items():
+                    round_state(st, p.numel(), self.prog.state_dtype)
         else:
             self.rebuild("torch" if e.kind == "to_torch" else "sharded")
 
@@ -628,9 +695,21 @@ class Side:
         if self.master is not None:
             self._master_step()
         else:
-            self.opt.step()
+            self._opt_step()
         if self.sched is not None:
             self.sched.step()
+
+    def _opt_step(self) -> None:
+        """``opt.step()``; the oracle then rounds the state of the parameters that stepped
+        (their ``step`` went up) as ours stores it (``round_state``)."""
+        if not self.rounding:
+            self.opt.step()
+            return
+        before = {p: float(st.get("step", 0)) for p, st in self.opt.state.items()}
+        self.opt.step()
+        for p, st in self.opt.state.items():
+            if float(st.get("step", 0)) != before.get(p, 0.0):
+                round_state(st, p.numel(), self.prog.state_dtype)
 
     def _master_step(self) -> None:
         """Average p.grad in fp32 the way ShardedAdamW does (cast, times 1/W, sum), where any
@@ -650,7 +729,7 @@ class Side:
             if self.world > 1:
                 dist.all_reduce(g)
             m.grad = g
-        self.opt.step()
+        self._opt_step()
         with torch.no_grad():
             for p in params:
                 p.copy_(self.master[p])
@@ -679,6 +758,34 @@ class Side:
                         entry["master_param"] = m.detach().clone()
                     index += 1
         return sd
+
+
+def round_state(state: dict, numel: int, fmt: str) -> None:
+    """The oracle's model of ShardedAdamW's state stores (``core/state_formats.py``), in place
+    on a torch AdamW state entry: bf16 moments are rounded to nearest-even; int8 moments of a
+    parameter of at least ``MIN_QUANTIZED_NUMEL`` elements are its flat values, zero-padded
+    to whole blocks of ``BLOCK`` from its first element, quantized and read back (exp_avg
+    signed, the squares unsigned); a smaller parameter's stay fp32.
+
+    Rounding values read back is the identity (bf16; int8 since the signed map holds -1),
+    which lets the oracle round just the parameters that stepped where ours writes every
+    parameter's state back: fused AdamW standalone at W > 1 (which parameters had a
+    gradient on no rank is agreed on the device, ``update._Fp32State.write_back``)."""
+    from sharded_adamw.core.state_formats import BLOCK, MIN_QUANTIZED_NUMEL, BlockwiseInt8
+
+    if fmt == "int8" and numel < MIN_QUANTIZED_NUMEL:
+        return
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        t = state.get(key)
+        if t is None:
+            continue
+        if fmt == "bf16":
+            t.copy_(t.to(torch.bfloat16).float())
+            continue
+        flat = nn.functional.pad(t.detach().reshape(-1), (0, -t.numel() % BLOCK))
+        codec = BlockwiseInt8(flat.numel(), signed=key == "exp_avg", device=t.device)
+        codec.write(flat, 0, flat.numel())
+        t.copy_(codec.read(0, flat.numel())[: t.numel()].view_as(t))
 
 
 # ---- comparison -------------------------------------------------------------------------
@@ -775,7 +882,7 @@ def run_program(prog: Program, rank: int, world: int):
     """Run ``prog`` on this rank; ``None`` if ours matched the oracle, else ``(kind, detail)``
     with kind ``mismatch``, ``error:<Type>`` (ours raised) or ``oracle-error``; or
     ``(AGREED, that)`` once the ranks have agreed on it."""
-    bitwise = world <= BITWISE_MAX_WORLD and not prog.accumulates_synced()
+    bitwise = prog.bitwise()
     tol = ACCUM_REL_TOL if prog.accumulates_synced() else REL_TOL
     checkpoints = {len(prog.steps) - 1} | {i for i in range(len(prog.steps)) if i % 3 == 2}
     ours = ref = None
@@ -883,7 +990,7 @@ def _candidates(p: Program):
     if p.compile != "none":
         yield _with(p, compile="none")
     if p.bf16:
-        yield _with(p, bf16=False)
+        yield _with(p, bf16=False, master_remainders=False)
     if p.sched != "none":
         yield _with(p, sched="none")
     if len(p.groups) > 1:
@@ -915,6 +1022,8 @@ def _candidates(p: Program):
     for k, v in (
         ("overlap_param_gather", False),
         ("full_grads", False),
+        ("master_remainders", False),
+        ("state_dtype", "fp32"),
         ("overlap_comm", True),
         ("bucket_cap_mb", 25.0),
         ("foreach", None),
@@ -965,6 +1074,10 @@ def valid(p: Program) -> bool:
         return False
     if p.full_grads and p.bf16:
         return False  # p.grad in bf16 holds a rounded average: not the oracle's fp32 one
+    if p.master_remainders and not p.bf16:
+        return False  # remainders of fp32 masters of bf16 parameters only
+    if p.state_dtype != "fp32" and not p.exact_grads():
+        return False  # no tolerance holds rounded state to the oracle (``Program.bitwise``)
     if p.world > 1 or p.mode == "attach":
         if any(e.kind == "unfreeze" for s in p.steps for e in s.events):
             return False

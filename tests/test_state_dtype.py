@@ -100,8 +100,9 @@ def test_quantizing_read_back_values_gives_the_same_codes():
 
 def _nearest(y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """The code of the nearest map value by a binary search over the midpoints (a value on a
-    midpoint goes up)."""
-    return torch.bucketize(y, (q[1:] + q[:-1]) / 2, right=True)
+    midpoint goes up); in the unsigned map a positive value is never 0's code."""
+    codes = torch.bucketize(y, (q[1:] + q[:-1]) / 2, right=True)
+    return codes if q.min() < 0 else torch.where((y > 0) & (codes == 0), 1, codes)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -124,6 +125,22 @@ def test_quantize_picks_the_nearest_code(signed):
     eager = BlockwiseInt8(y.numel(), signed, torch.device("cpu"))
     quantize(y, eager.codes, eager.scales, signed, compiled=False)  # the same bits
     assert torch.equal(eager.codes, store.codes) and torch.equal(eager.scales, store.scales)
+
+
+def test_tiny_blocks_read_back_and_a_positive_square_never_rounds_to_zero():
+    x = torch.cat([torch.full((BLOCK,), 1e-31), torch.full((BLOCK,), 1e-40)])
+    x[BLOCK + 1] = 1e-44  # 1e-4 of its block's maximum: below the map's smallest code
+    big = torch.zeros(BLOCK)
+    big[:2] = torch.tensor([1.0, 1e-9])  # 1e-9 of the maximum
+    x = torch.cat([x, big])
+    store = BlockwiseInt8(x.numel(), False, torch.device("cpu"))
+    store.write(x, 0, x.numel())
+    back = store.read(0, x.numel())
+    assert torch.equal(back[:BLOCK], x[:BLOCK]) and back[BLOCK] == x[BLOCK]
+    assert back[BLOCK + 1] > 0 and back[2 * BLOCK + 1] > 0
+    again = BlockwiseInt8(x.numel(), False, torch.device("cpu"))
+    again.write(back, 0, x.numel())
+    assert torch.equal(again.codes, store.codes) and torch.equal(again.scales, store.scales)
 
 
 def test_remainders_give_back_every_master_exactly():

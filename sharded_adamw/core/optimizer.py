@@ -356,6 +356,7 @@ class ShardedAdamW(Optimizer):
                 else real_dtype(p.dtype)
             )
         )
+
         # int8 state: parameters of at least MIN_QUANTIZED_NUMEL elements with fp32 updates
         # fill buckets of their own, whose parameters and shards start at whole blocks
         def quantized(p: torch.nn.Parameter) -> bool:

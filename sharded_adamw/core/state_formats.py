@@ -77,6 +77,8 @@ class _Tables:
     def __init__(self, signed: bool, device: torch.device):
         q = dynamic_map(signed)
         mids = (q[1:] + q[:-1]) / 2
+        if not signed:  # a positive exp_avg_sq never rounds to 0 (see ``BlockwiseInt8``)
+            mids[0] = torch.finfo(torch.float32).smallest_normal * 2**-23
         inf = torch.tensor([float("inf")])
         self.values = q.to(device)
         self.above = torch.cat([mids, inf]).to(device)  # midpoint above each code
@@ -101,7 +103,7 @@ def _quantize(
 ) -> None:
     blocks = x.view(-1, BLOCK)
     absmax = blocks.abs().amax(1)
-    y = (blocks / absmax.clamp_min(1e-30)[:, None]).view(-1)
+    y = (blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]).view(-1)
     c = first[(y.view(torch.int32) >> 16) & 0xFFFF]
     c = c + (y >= above[c]).to(torch.int32) - (y < below[c]).to(torch.int32)
     codes.copy_(c.to(torch.uint8))
@@ -208,7 +210,13 @@ class Plain:
 
 
 class BlockwiseInt8:
-    """State kept as one byte per element and one fp32 scale per ``BLOCK`` elements."""
+    """State kept as one byte per element and one fp32 scale per ``BLOCK`` elements.
+
+    Unsigned state (``exp_avg_sq``) rounds a positive value to the smallest positive code
+    rather than to 0, which would otherwise be nearer below about 5e-8 of its block's
+    maximum. A zero ``exp_avg_sq`` under a nonzero ``exp_avg`` turns the next update into
+    ``lr * exp_avg / eps`` (the 8-bit optimizers' hazard for rarely used embedding rows);
+    rounded up, it makes that element's step smaller than fp32 state's instead."""
 
     def __init__(self, numel: int, signed: bool, device):
         if numel % BLOCK:
