@@ -21,7 +21,7 @@ With smaller state (``state_dtype``, ``master_remainders``; the benchmark's
 - bf16 parameters with remainder masters and int8 state, standalone: below every peer
   measured here (DDP + AdamW, DDP + ZeroRedundancyOptimizer).
 
-Measured when written: 2.6, 6.2, and 3.3 against 11.0. (bf16 state has no target of its
+Measured when written: 2.6, 6.2, and 3.3 against 11.0 (3.1 once the remainder arithmetic was compiled). (bf16 state has no target of its
 own; the benchmark's table shows it, 3.1.) The three rows cost about 40 s here, 15 of them
 compiling the int8 kernels in the warm-up.
 
